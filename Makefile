@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+ENV_FILE ?= .env
+NODES ?= 20
+
+.PHONY: run test setup venv lint check-types unit bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/.installed
+
+setup: venv
+	deploy/setup.sh $(ENV_FILE)
+
+run: setup
+	$(BIN)/rnr-gateway --env-file $(ENV_FILE) run --simulate $(NODES)
+
+lint: venv
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+check-types: venv
+	$(BIN)/mypy
+
+test: setup lint check-types
+	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider
+
+unit: venv
+	$(BIN)/pytest tests/unit -q
+
+bench: setup
+	$(BIN)/python -m bench.ingest --env-file $(ENV_FILE)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,3 @@
+"""rnr-gateway: the RNR IoT Platform's communication layer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,330 @@
+"""RabbitMQ adapter (aio-pika): connection, topology, consumers, confirmed publishes.
+
+Reconnecting lives here: a fresh connection per attempt (2 s doubling to 60 s, with
+jitter), the topology re-declared and every consumer re-created and then verified with
+the broker (passive declare → consumer count), never assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from . import topology
+from .errors import DependencyUnavailable, GatewayError, TopologyMismatch
+from .metrics import Metrics
+from .settings import AmqpSettings
+
+log = logging.getLogger(__name__)
+SYSTEM = "rabbitmq"
+VERIFY_INTERVAL_S = 30.0
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT, GatewayError)
+AMQP_FAILURE: tuple[type[BaseException], ...] = (
+    *TRANSIENT,
+    GatewayError,
+    aiormq.exceptions.AMQPError,
+    RuntimeError,
+)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A queue to consume and the (synchronous, non-blocking) function each delivery goes to."""
+
+    queue: str
+    on_message: Callable[[AbstractIncomingMessage], None]
+
+
+class Amqp:
+    def __init__(
+        self, settings: AmqpSettings, metrics: Metrics, consumers: Sequence[Consumer] = ()
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.consumers = tuple(consumers)
+        self.generation = 0
+        self._connection: AbstractConnection | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._queues: dict[str, AbstractQueue] = {}  # strong references (aio-pika pitfall)
+        self._tags: dict[str, str] = {}
+        self._consuming = True
+        self._lost = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> Amqp:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        await self._close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Watch the connection; after a loss reconnect with backoff until stopped."""
+        while not self._stop.is_set():
+            lost = asyncio.ensure_future(self._lost.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait(
+                    {lost, stop}, timeout=VERIFY_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                lost.cancel()
+                stop.cancel()
+            if self._stop.is_set():
+                return
+            if not self._lost.is_set():
+                await self._verify_consumers_or_reconnect()
+                continue
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        self.connected.clear()
+        self.metrics.dependency_up.labels(SYSTEM).set(0)
+        self.metrics.outages.labels(SYSTEM).inc()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._close()
+        delay = self.settings.reconnect_initial_s
+        attempt = 0
+        while not self._stop.is_set():
+            wait = delay * random.uniform(0.8, 1.2)
+            attempt += 1
+            log.debug("RabbitMQ reconnect attempt %d in %.1f s", attempt, wait)
+            try:
+                await asyncio.wait_for(self._stop.wait(), wait)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self._open()
+            except TopologyMismatch:
+                raise
+            except RETRYABLE as exc:
+                log.debug("RabbitMQ reconnect attempt %d failed: %s", attempt, exc)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+                continue
+            self.metrics.reconnects.labels(SYSTEM).inc()
+            log.warning(
+                "RabbitMQ connection restored after %.1f s (%d attempts); consumers verified",
+                loop.time() - started,
+                attempt,
+            )
+            return
+
+    async def _open(self) -> None:
+        self._lost.clear()
+        try:
+            conn = await aio_pika.connect(
+                self.settings.url.value,
+                timeout=self.settings.socket_timeout_s,
+                heartbeat=self.settings.heartbeat_s,
+                client_properties={"connection_name": "rnr-gateway"},
+            )
+        except TRANSIENT as exc:
+            raise DependencyUnavailable(SYSTEM, self.settings.display, _describe(exc)) from None
+        try:
+            await self._declare(conn)
+            consume = await conn.channel(publisher_confirms=False)
+            await consume.set_qos(prefetch_count=self.settings.prefetch)
+            publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            self._connection, self._consume_channel, self._publish_channel = conn, consume, publish
+            self._exchanges = {}
+            if self._consuming:
+                await self._start_consumers(consume)
+        except BaseException:
+            self._connection = None
+            await _quietly_close(conn)
+            raise
+        conn.close_callbacks.add(self._on_lost)
+        consume.close_callbacks.add(self._on_lost)
+        publish.close_callbacks.add(self._on_lost)
+        self.generation += 1
+        self.connected.set()
+        self.metrics.dependency_up.labels(SYSTEM).set(1)
+        log.info(
+            "connected to RabbitMQ at %s (prefetch %d)",
+            self.settings.display,
+            self.settings.prefetch,
+        )
+
+    def _on_lost(self, sender: Any, exc: BaseException | None = None) -> None:
+        if not self._lost.is_set() and not self._stop.is_set():
+            log.warning(
+                "RabbitMQ connection lost (%s); reconnecting with backoff",
+                _describe(exc) if exc else "closed",
+            )
+        self._lost.set()
+        self.connected.clear()
+
+    async def _close(self) -> None:
+        conn, self._connection = self._connection, None
+        self._queues.clear()
+        self._tags.clear()
+        if conn is not None:
+            await _quietly_close(conn)
+
+    # -- topology ----------------------------------------------------------------------
+    async def _declare(self, conn: AbstractConnection) -> None:
+        """Declare PROTOCOL §2 idempotently; a queue with other arguments is a clear error."""
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            for ex in topology.EXCHANGES:
+                await channel.declare_exchange(ex.name, ex.type, durable=True)
+            for q in topology.QUEUES:
+                try:
+                    queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise TopologyMismatch(q.name, self.settings.vhost, _reply_text(exc)) from None
+                for exchange, key in q.bindings:
+                    await queue.bind(exchange, key)
+        finally:
+            await _quietly_close(channel)
+
+    # -- consumers ---------------------------------------------------------------------
+    async def _start_consumers(self, channel: AbstractChannel) -> None:
+        for spec in self.consumers:
+            queue = await channel.declare_queue(spec.queue, passive=True)
+            callback = _adapt(spec.on_message)
+            self._tags[spec.queue] = await queue.consume(callback, no_ack=False)
+            self._queues[spec.queue] = queue
+        await self.verify_consumers()
+
+    async def verify_consumers(self) -> dict[str, int]:
+        """Ask the broker how many consumers each of our queues has; raise if one has none."""
+        counts: dict[str, int] = {}
+        if not self._consuming or self._consume_channel is None:
+            return counts
+        for name in self._queues:
+            ok = await self._consume_channel.declare_queue(name, passive=True)
+            result = ok.declaration_result
+            counts[name] = int(result.consumer_count or 0)
+            self.metrics.consumers.labels(name).set(counts[name])
+            if counts[name] < 1:
+                raise GatewayError(f"broker reports no consumer on {name!r} after consume")
+        return counts
+
+    async def _verify_consumers_or_reconnect(self) -> None:
+        try:
+            await self.verify_consumers()
+        except AMQP_FAILURE as exc:
+            log.warning("consumer check failed (%s); reconnecting", exc)
+            self._lost.set()
+
+    async def stop_consuming(self) -> None:
+        """Shutdown stage 1: cancel every consumer; in-flight deliveries stay ours to ack."""
+        self._consuming = False
+        for name, queue in list(self._queues.items()):
+            tag = self._tags.get(name)
+            if tag is None:
+                continue
+            try:
+                await queue.cancel(tag, timeout=self.settings.socket_timeout_s)
+            except AMQP_FAILURE as exc:
+                log.debug("cancel of consumer on %s failed: %s", name, exc)
+        self._tags.clear()
+
+    # -- publishing --------------------------------------------------------------------
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        priority: int | None = None,
+        expiration_s: float | None = None,
+        message_id: str | None = None,
+        persistent: bool = True,
+    ) -> None:
+        """Publish and wait for the broker's confirm (bounded by publish_timeout_s)."""
+        channel = self._publish_channel
+        if channel is None or not self.connected.is_set():
+            raise DependencyUnavailable(SYSTEM, self.settings.display, "not connected")
+        ex = self._exchanges.get(exchange)
+        if ex is None:
+            ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+        message = aio_pika.Message(
+            body,
+            headers=headers,
+            priority=priority,
+            expiration=expiration_s,
+            message_id=message_id,
+            delivery_mode=(
+                aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            ),
+        )
+        self.metrics.confirms_pending.inc()
+        try:
+            await ex.publish(
+                message, routing_key, mandatory=True, timeout=self.settings.publish_timeout_s
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise GatewayError(f"unroutable: no queue bound for {exchange}/{routing_key}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise GatewayError(f"broker refused publish to {exchange}/{routing_key}") from exc
+        except TRANSIENT as exc:
+            raise DependencyUnavailable(SYSTEM, self.settings.display, _describe(exc)) from None
+        finally:
+            self.metrics.confirms_pending.dec()
+        self.metrics.published.labels(exchange).inc()
+
+
+def _adapt(
+    fn: Callable[[AbstractIncomingMessage], None],
+) -> Callable[[AbstractIncomingMessage], Any]:
+    async def callback(message: AbstractIncomingMessage) -> None:
+        fn(message)
+
+    return callback
+
+
+async def _quietly_close(closable: AbstractConnection | AbstractChannel) -> None:
+    try:
+        await asyncio.wait_for(closable.close(), timeout=5)
+    except AMQP_FAILURE as exc:
+        log.debug("close failed: %s", exc)
+
+
+def _reply_text(exc: BaseException) -> str:
+    for arg in exc.args:
+        if isinstance(arg, str) and arg:
+            return arg
+    return str(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

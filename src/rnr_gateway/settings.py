@@ -1,0 +1,277 @@
+"""Settings: one frozen dataclass tree, built and validated once by ``Settings.from_env``.
+
+Environment variable names from the original platform are kept (PROTOCOL §8). Every bad
+value is reported, one line each, in a single ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+Scope = Literal["read", "command", "admin"]
+SCOPES: tuple[Scope, ...] = ("read", "command", "admin")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value that never shows in ``repr`` or logs."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for log lines and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    url: Secret
+    heartbeat_s: int = 600
+    socket_timeout_s: float = 10.0
+    prefetch: int = 10
+    reconnect_initial_s: float = 2.0
+    reconnect_max_s: float = 60.0
+    publish_timeout_s: float = 10.0
+
+    @property
+    def display(self) -> str:
+        return redact_url(self.url.value)
+
+    @property
+    def vhost(self) -> str:
+        path = urlsplit(self.url.value).path
+        return path[1:] if len(path) > 1 else "/"
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int
+    username: str | None
+    password: Secret | None
+    max_retries: int = 15
+    retry_delay_s: float = 2.0
+    connection_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DbSettings:
+    url: Secret
+    pool_size: int = 10
+    command_timeout_s: float = 10.0
+    retry_max_s: float = 10.0
+
+    @property
+    def display(self) -> str:
+        return redact_url(self.url.value)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    batch_max: int = 500
+    linger_ms: float = 2.0
+    writers: int = 2
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tokens: tuple[tuple[Scope, Secret], ...] = ()
+    anonymous_scope: Scope | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 10_240
+
+
+@dataclass(frozen=True)
+class PresenceSettings:
+    offline_threshold_s: float = 15.0
+    status_check_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp: AmqpSettings
+    mqtt: MqttSettings
+    db: DbSettings
+    ingest: IngestSettings = IngestSettings()
+    http: HttpSettings = HttpSettings()
+    presence: PresenceSettings = PresenceSettings()
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    shutdown_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = None
+    ) -> Settings:
+        """Environment wins over the file; the file wins over defaults."""
+        values: dict[str, str] = {}
+        if env_file is not None:
+            values.update(read_env_file(Path(env_file)))
+        values.update(os.environ if environ is None else environ)
+        return _Reader(values).build()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"env file {path}: {exc.strerror}"]) from None
+    out: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep:
+            raise ConfigError([f"env file {path}:{lineno}: expected NAME=value, got {line!r}"])
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+class _Reader:
+    """Reads typed values, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+        self.problems: list[str] = []
+
+    def _get(self, name: str, default: T, parse: Callable[[str], T], expect: str) -> T:
+        raw = self.values.get(name, "").strip()
+        if raw == "":
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r}: expected {expect}")
+            return default
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.values.get(name, default).strip() or default
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._get(name, default, float, "a number")
+        if not low <= value <= high:
+            self.problems.append(f"{name}={value:g}: must be between {low:g} and {high:g}")
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self._get(name, default, int, "an integer")
+        if not low <= value <= high:
+            self.problems.append(f"{name}={value}: must be between {low} and {high}")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> Secret:
+        raw = self.text(name)
+        if not raw:
+            self.problems.append(f"{name} is not set: expected a {schemes[0]}:// URL")
+        elif urlsplit(raw).scheme not in schemes or not urlsplit(raw).hostname:
+            self.problems.append(
+                f"{name}={redact_url(raw)!r}: expected {' or '.join(schemes)}://user:pass@host/..."
+            )
+        return Secret(raw)
+
+    def choice(self, name: str, default: T, options: tuple[T, ...]) -> T:
+        raw = self.text(name)
+        if not raw:
+            return default
+        for option in options:
+            if raw.lower() == str(option).lower():
+                return option
+        self.problems.append(f"{name}={raw!r}: expected one of {', '.join(map(str, options))}")
+        return default
+
+    def tokens(self, name: str) -> tuple[tuple[Scope, Secret], ...]:
+        out: list[tuple[Scope, Secret]] = []
+        for item in filter(None, (p.strip() for p in self.text(name).split(","))):
+            scope, sep, token = item.partition(":")
+            if not sep or scope not in SCOPES or len(token) < 8:
+                self.problems.append(
+                    f"{name}: entry #{len(out) + 1} must be scope:token with scope one of "
+                    "read, command, admin and a token of at least 8 characters"
+                )
+                continue
+            out.append((scope, Secret(token)))
+        return tuple(out)
+
+    def build(self) -> Settings:
+        mqtt_password = self.text("MQTT_PASSWORD")
+        settings = Settings(
+            amqp=AmqpSettings(
+                url=self.url("RABBITMQ_URL", ("amqp", "amqps")),
+                heartbeat_s=self.integer("AMQP_HEARTBEAT_S", 600, 0, 3600),
+                socket_timeout_s=self.number("AMQP_SOCKET_TIMEOUT_S", 10.0, 0.5, 300),
+                prefetch=self.integer("PREFETCH_COUNT", 10, 1, 65535),
+                reconnect_initial_s=self.number("AMQP_RECONNECT_INITIAL_S", 2.0, 0.05, 60),
+                reconnect_max_s=self.number("AMQP_RECONNECT_MAX_S", 60.0, 0.1, 3600),
+                publish_timeout_s=self.number("AMQP_PUBLISH_TIMEOUT_S", 10.0, 0.1, 300),
+            ),
+            mqtt=MqttSettings(
+                host=self.text("MQTT_BROKER_HOST", "127.0.0.1"),
+                port=self.integer("MQTT_BROKER_PORT", 1883, 1, 65535),
+                username=self.text("MQTT_USERNAME") or None,
+                password=Secret(mqtt_password) if mqtt_password else None,
+                max_retries=self.integer("MQTT_MAX_RETRIES", 15, 0, 1_000_000),
+                retry_delay_s=self.number("MQTT_RETRY_DELAY", 2.0, 0.01, 3600),
+                connection_timeout_s=self.number("MQTT_CONNECTION_TIMEOUT", 10.0, 0.1, 600),
+            ),
+            db=DbSettings(
+                url=self.url("DATABASE_URL", ("postgresql", "postgres")),
+                pool_size=self.integer("DB_POOL_SIZE", 10, 1, 1000),
+                command_timeout_s=self.number("DB_COMMAND_TIMEOUT_S", 10.0, 0.1, 600),
+                retry_max_s=self.number("DB_RETRY_MAX_S", 10.0, 0.1, 600),
+            ),
+            ingest=IngestSettings(
+                batch_max=self.integer("INGEST_BATCH_MAX", 500, 1, 100_000),
+                linger_ms=self.number("INGEST_LINGER_MS", 2.0, 0, 10_000),
+                writers=self.integer("INGEST_WRITERS", 2, 1, 64),
+            ),
+            http=HttpSettings(
+                host=self.text("HTTP_HOST", "127.0.0.1"),
+                port=self.integer("HTTP_PORT", 8000, 0, 65535),
+                tokens=self.tokens("API_TOKENS"),
+                anonymous_scope=self.choice("API_ANONYMOUS_SCOPE", None, SCOPES),
+                cors_origins=tuple(
+                    o.strip() for o in self.text("CORS_ORIGINS").split(",") if o.strip()
+                ),
+                max_body_bytes=self.integer("HTTP_MAX_BODY_BYTES", 10_240, 256, 10_000_000),
+            ),
+            presence=PresenceSettings(
+                offline_threshold_s=self.number("OFFLINE_THRESHOLD_S", 15.0, 0.1, 86_400),
+                status_check_interval_s=self.number("STATUS_CHECK_INTERVAL_S", 5.0, 0.05, 3600),
+            ),
+            log_level=self.choice(
+                "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+            ),
+            log_format=self.choice("LOG_FORMAT", "text", ("text", "json")),
+            shutdown_timeout_s=self.number("SHUTDOWN_TIMEOUT_S", 10.0, 0.5, 600),
+        )
+        if settings.mqtt.username and settings.mqtt.password is None:
+            self.problems.append("MQTT_PASSWORD is not set but MQTT_USERNAME is")
+        if settings.amqp.reconnect_max_s < settings.amqp.reconnect_initial_s:
+            self.problems.append("AMQP_RECONNECT_MAX_S must be >= AMQP_RECONNECT_INITIAL_S")
+        if self.problems:
+            raise ConfigError(self.problems)
+        return settings
