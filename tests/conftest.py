@@ -236,11 +236,11 @@ async def mqtt_client(
 async def eventually(
     probe: Callable[[], Awaitable[T] | T],
     accept: Callable[[T], bool],
-    timeout: float = 20.0,
+    within: float = 20.0,
     interval: float = 0.1,
 ) -> T:
     """Poll ``probe`` (sync or async) until ``accept`` holds, bounded; returns the last value."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
 
     async def sample() -> T:
         value = probe()
@@ -249,7 +249,7 @@ async def eventually(
     value = await sample()
     while not accept(value):
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s; last value: {value!r}")
+            pytest.fail(f"condition not met within {within} s; last value: {value!r}")
         await asyncio.sleep(interval)
         value = await sample()
     return value
