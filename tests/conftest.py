@@ -23,13 +23,21 @@ import pytest
 from rnr_gateway import topology
 from rnr_gateway.db import migrate
 from rnr_gateway.gateway import Gateway
-from rnr_gateway.settings import AmqpSettings, DbSettings, MqttSettings, Secret, Settings
+from rnr_gateway.settings import (
+    AmqpSettings,
+    DbSettings,
+    HttpSettings,
+    MqttSettings,
+    Secret,
+    Settings,
+)
 from rnr_gateway.simulate import NODELAY
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(os.environ.get("ENV_FILE", ROOT / ".env"))
 ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 T = TypeVar("T")
+TOKENS = {"read": "test-read-token", "command": "test-command-token", "admin": "test-admin-token"}
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +175,9 @@ def settings(base_settings: Settings, vhost: str, database: str) -> Settings:
             connection_timeout_s=5,
         ),
         db=DbSettings(url=Secret(database), pool_size=4, command_timeout_s=5, retry_max_s=1.0),
+        http=HttpSettings(
+            port=0, tokens=tuple((scope, Secret(tok)) for scope, tok in TOKENS.items())
+        ),
         shutdown_timeout_s=10.0,
     )
 
@@ -187,6 +198,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         DB_RETRY_MAX_S=str(settings.db.retry_max_s),
         SHUTDOWN_TIMEOUT_S=str(settings.shutdown_timeout_s),
         HTTP_PORT="0",
+        API_TOKENS=",".join(f"{scope}:{token}" for scope, token in TOKENS.items()),
         LOG_LEVEL="INFO",
     )
     return env

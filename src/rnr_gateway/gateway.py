@@ -5,66 +5,130 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from functools import partial
+from typing import Any, Protocol
+
+import orjson
 
 from . import topology
 from .amqp import Amqp, Consumer
+from .broadcast import Hub
+from .commands import Commands
 from .db import Database, pending_migrations
 from .errors import GatewayError
 from .ingest import Ingest
 from .metrics import Metrics
+from .mqtt import Mqtt
+from .presence import Presence, Transition
 from .settings import Settings
+from .store import Accepted
+from .web.app import bind, build_app, make_server
+from .web.auth import Authenticator
+from .web.health import rabbitmq_state_of, worker_state_of
 
 log = logging.getLogger(__name__)
 INGEST_QUEUES = (topology.SENSOR_QUEUE, topology.STATUS_QUEUE, topology.FAILED_QUEUE)
+STATS_INTERVAL_S = 5.0
+PUSHED_KINDS = frozenset(("reading", "event"))
 Extra = Callable[["Gateway"], Awaitable[None]]
 
 
+class MqttState(Protocol):
+    connected: asyncio.Event
+
+
 class Gateway:
-    def __init__(self, settings: Settings, *, extras: Mapping[str, Extra] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        extras: Mapping[str, Extra] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.extras = dict(extras or {})
         self.db = Database(settings.db, self.metrics)
-        self.ingest = Ingest(settings.ingest, self.db, self.metrics)
+        self.hub = Hub(self.metrics)
+        self.auth = Authenticator(settings.http)
+        self.presence = Presence(settings.presence, self.db, self.metrics, clock)
+        self.presence.add_listener(self._push_transition)
+        self.ingest = Ingest(
+            settings.ingest,
+            self.db,
+            self.metrics,
+            on_stored=[self.presence.on_stored, self._push_messages],
+        )
+        self.consumed_queues: tuple[str, ...] = INGEST_QUEUES
         self.amqp = Amqp(
             settings.amqp,
             self.metrics,
             [Consumer(q, partial(self.ingest.submit, q)) for q in INGEST_QUEUES],
         )
+        self.mqtt = Mqtt(settings.mqtt, self.metrics)
+        self.commands = Commands(
+            settings, self.db, self.amqp, self.mqtt, self.metrics, self.presence, self.hub.publish
+        )
+        self.amqp.consumers += tuple(self.commands.consumers())
+        self.consumed_queues += tuple(c.queue for c in self.commands.consumers())
+        self.ingest.on_stored.append(self.commands.on_stored)
+        self.app = build_app(self)
+        self._server = make_server(self.app, settings.shutdown_timeout_s * 0.2)
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
+        self.started_monotonic = time.monotonic()
+        self.http_port: int | None = None
 
     def request_stop(self) -> None:
         """Ask for a staged shutdown (signals in ``__main__`` call this)."""
         self._stop.set()
 
     async def run(self) -> None:
-        async with self.db:
-            async with self.db.pool.acquire() as conn:
-                pending = await pending_migrations(conn)
-            if pending:
-                raise GatewayError(
-                    f"database has {len(pending)} pending migration(s) ({', '.join(pending)}); "
-                    "run `rnr-gateway migrate` first"
-                )
-            async with self.amqp, asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self.amqp.run(), name="amqp"),
-                    tg.create_task(self.ingest.run(), name="ingest"),
-                ]
-                for name, extra in self.extras.items():
-                    tasks.append(tg.create_task(_logged(name, extra(self)), name=name))
-                self.started.set()
-                log.info("gateway running: consuming %s", ", ".join(INGEST_QUEUES))
-                await self._stop.wait()
-                await self._shutdown()
-                for task in tasks:
-                    task.cancel()
+        sock = bind(self.settings.http.host, self.settings.http.port)
+        self.http_port = sock.getsockname()[1]
+        with sock:
+            async with self.db:
+                await self._check_schema()
+                await self.presence.load()
+                async with self.amqp, asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(self.amqp.run(), name="amqp"),
+                        tg.create_task(self.ingest.run(), name="ingest"),
+                        tg.create_task(self.presence.run(), name="presence"),
+                        tg.create_task(self.mqtt.run(), name="mqtt"),
+                        tg.create_task(self.commands.run(), name="commands"),
+                        tg.create_task(self._stats_loop(), name="stats"),
+                    ]
+                    http = tg.create_task(self._server.serve(sockets=[sock]), name="http")
+                    for name, extra in self.extras.items():
+                        tasks.append(tg.create_task(_logged(name, extra(self)), name=name))
+                    self.started.set()
+                    log.info(
+                        "gateway running: consuming %s; HTTP on http://%s:%d/",
+                        ", ".join(INGEST_QUEUES),
+                        self.settings.http.host,
+                        self.http_port,
+                    )
+                    await self._stop.wait()
+                    await self._shutdown(http)
+                    for task in tasks:
+                        task.cancel()
         log.info("gateway stopped")
 
-    async def _shutdown(self) -> None:
+    async def _check_schema(self) -> None:
+        async with self.db.pool.acquire() as conn:
+            pending = await pending_migrations(conn)
+        if pending:
+            raise GatewayError(
+                f"database has {len(pending)} pending migration(s) ({', '.join(pending)}); "
+                "run `rnr-gateway migrate` first"
+            )
+
+    async def _shutdown(self, http: asyncio.Task[None]) -> None:
+        """Stop intake → flush batches and ack → close WebSockets → disconnect → close pool."""
         budget = self.settings.shutdown_timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -73,13 +137,115 @@ class Gateway:
             async with asyncio.timeout(max(0.1, budget * 0.2)):
                 await self.amqp.stop_consuming()
         log.info("stopping: flushing %d buffered deliveries", self.ingest.backlog)
-        drained = await self.ingest.drain(max(0.1, deadline - loop.time()))
-        if not drained:
+        if not await self.ingest.drain(max(0.1, deadline - loop.time() - budget * 0.2)):
             log.warning(
                 "shutdown deadline passed with deliveries unacked; the broker redelivers them"
             )
         self.ingest.request_stop()
+        if not await self.commands.drain(max(0.1, deadline - loop.time() - budget * 0.2)):
+            log.warning("shutdown deadline passed with commands unsettled; the outbox keeps them")
+        self.presence.request_stop()
+        with contextlib.suppress(TimeoutError, GatewayError):
+            async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                await self.presence.flush()
+        log.info(
+            "stopping: closing %d WebSocket clients and the HTTP server", len(self.hub.clients)
+        )
+        self.hub.close_all()
+        self._server.should_exit = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(http), timeout=max(0.5, deadline - loop.time()))
+        self.mqtt.request_stop()
         self.amqp.request_stop()
+
+    # -- events ------------------------------------------------------------------------
+    def _push_messages(self, rows: Sequence[Accepted]) -> None:
+        if not self.hub.clients:
+            return
+        for row in rows:
+            m = row.message
+            if m.kind in PUSHED_KINDS:
+                self.hub.publish(
+                    {
+                        "type": "sensor_data",
+                        "node_id": m.node_id,
+                        "data": m.data,
+                        "kind": m.kind,
+                        "timestamp": row.received_at.isoformat(),
+                    }
+                )
+
+    def _push_transition(self, t: Transition) -> None:
+        self.hub.publish(
+            {
+                "type": "node_status",
+                "node_id": t.node_id,
+                "status": t.status,
+                "reason": t.reason,
+                "timestamp": t.at_datetime.isoformat(),
+            }
+        )
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            if self.hub.clients:
+                self.hub.publish(
+                    {
+                        "type": "stats",
+                        "stats": self.stats(),
+                        "timestamp": datetime.now(UTC).isoformat(),
+                    }
+                )
+
+    # -- views -------------------------------------------------------------------------
+    def failed_total(self) -> float:
+        total = 0.0
+        for metric in self.metrics.failed.collect():
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's three stats objects, from real counters."""
+        commands: dict[str, Any] = {}
+        stats_of = getattr(self.mqtt, "stats", None)
+        if callable(stats_of):
+            commands = stats_of()
+        return {
+            "worker_service": worker_state_of(self),
+            "mqtt_publisher": commands
+            or {
+                "connected": False,
+                "commands_sent": 0,
+                "commands_failed": 0,
+                "success_rate_percent": 100.0,
+                "pending_publishes": 0,
+                "connection_attempts": 0,
+            },
+            "rabbitmq_client": rabbitmq_state_of(self),
+        }
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Every node with its status and latest reading, for a new WebSocket client."""
+        rows = await self.db.pool.fetch(
+            "SELECT n.node_id, n.name, n.last_seen, r.data::text AS data, r.received_at"
+            " FROM nodes n LEFT JOIN LATERAL (SELECT data, received_at FROM sensor_data s"
+            "  WHERE s.node_id = n.node_id AND s.kind = 'reading'"
+            "  ORDER BY s.received_at DESC LIMIT 1) r ON true ORDER BY n.node_id",
+            timeout=5,
+        )
+        nodes = [
+            {
+                "node_id": r["node_id"],
+                "name": r["name"],
+                "status": self.presence.status(r["node_id"]),
+                "last_seen": r["last_seen"].isoformat() if r["last_seen"] else None,
+                "data": orjson.loads(r["data"]) if r["data"] else None,
+                "data_received_at": r["received_at"].isoformat() if r["received_at"] else None,
+            }
+            for r in rows
+        ]
+        return {"type": "snapshot", "nodes": nodes, "timestamp": datetime.now(UTC).isoformat()}
 
 
 async def _logged(name: str, work: Awaitable[None]) -> None:

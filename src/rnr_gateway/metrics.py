@@ -74,6 +74,38 @@ class Metrics:
             "rnr_amqp_published", "Publishes confirmed by the broker", ["exchange"], registry=r
         )
 
+        self.nodes = Gauge("rnr_nodes", "Known nodes by presence state", ["state"], registry=r)
+        self.presence_transitions = Counter(
+            "rnr_presence_transitions",
+            "Online/offline transitions",
+            ["status", "reason"],
+            registry=r,
+        )
+        self.presence_tick_seconds = Histogram(
+            "rnr_presence_tick_seconds",
+            "CPU time of one offline-detection tick",
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5),
+            registry=r,
+        )
+        self.ws_clients = Gauge("rnr_ws_clients", "Connected WebSocket clients", registry=r)
+        self.ws_events = Counter(
+            "rnr_ws_events_sent", "Events sent to WebSocket clients", registry=r
+        )
+        self.ws_overflows = Counter(
+            "rnr_ws_overflows",
+            "Times a slow client's queue overflowed (resync sent)",
+            registry=r,
+        )
+        self.ws_closed_slow = Counter(
+            "rnr_ws_closed_slow", "Clients closed for staying too slow", registry=r
+        )
+        self.http_requests = Counter(
+            "rnr_http_requests",
+            "HTTP requests by route class and status",
+            ["route", "status"],
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -70,6 +70,7 @@ class MqttSettings:
     max_retries: int = 15
     retry_delay_s: float = 2.0
     connection_timeout_s: float = 10.0
+    publish_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,25 @@ class HttpSettings:
     anonymous_scope: Scope | None = None
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 10_240
+    open_probes: bool = True  # /health* and /metrics without a token
 
 
 @dataclass(frozen=True)
 class PresenceSettings:
     offline_threshold_s: float = 15.0
     status_check_interval_s: float = 5.0
+    new_node_threshold_s: float = 60.0  # until a node's reporting interval is known
+
+
+@dataclass(frozen=True)
+class CommandSettings:
+    max_in_flight: int = 1  # per node
+    ack_timeout_s: float = 10.0  # sent → any ack; then the node's next command may go
+    exec_timeout_s: float = 60.0  # received → executed/failed
+    default_ttl_s: float = 300.0
+    max_bytes: int = 10_240  # the encoded command (PROTOCOL §4.1)
+    sweep_interval_s: float = 1.0  # expiry, ack timeouts, retained copies
+    infer_window_s: float = 30.0  # legacy: status event after a command → executed
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,7 @@ class Settings:
     ingest: IngestSettings = IngestSettings()
     http: HttpSettings = HttpSettings()
     presence: PresenceSettings = PresenceSettings()
+    commands: CommandSettings = CommandSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: float = 10.0
@@ -203,9 +218,34 @@ class _Reader:
         self.problems.append(f"{name}={raw!r}: expected one of {', '.join(map(str, options))}")
         return default
 
-    def tokens(self, name: str) -> tuple[tuple[Scope, Secret], ...]:
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name).lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name}={raw!r}: expected true or false")
+        return default
+
+    def token_file(self, name: str) -> tuple[tuple[Scope, Secret], ...]:
+        """One scope:token per line (comments with #), for tokens kept out of the env."""
+        path = self.text(name)
+        if not path:
+            return ()
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            self.problems.append(f"{name}={path!r}: {exc.strerror}")
+            return ()
+        entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return self.tokens(name, ",".join(entries))
+
+    def tokens(self, name: str, raw: str | None = None) -> tuple[tuple[Scope, Secret], ...]:
         out: list[tuple[Scope, Secret]] = []
-        for item in filter(None, (p.strip() for p in self.text(name).split(","))):
+        source = self.text(name) if raw is None else raw
+        for item in filter(None, (p.strip() for p in source.split(","))):
             scope, sep, token = item.partition(":")
             if not sep or scope not in SCOPES or len(token) < 8:
                 self.problems.append(
@@ -236,6 +276,7 @@ class _Reader:
                 max_retries=self.integer("MQTT_MAX_RETRIES", 15, 0, 1_000_000),
                 retry_delay_s=self.number("MQTT_RETRY_DELAY", 2.0, 0.01, 3600),
                 connection_timeout_s=self.number("MQTT_CONNECTION_TIMEOUT", 10.0, 0.1, 600),
+                publish_timeout_s=self.number("MQTT_PUBLISH_TIMEOUT_S", 5.0, 0.05, 600),
             ),
             db=DbSettings(
                 url=self.url("DATABASE_URL", ("postgresql", "postgres")),
@@ -251,16 +292,27 @@ class _Reader:
             http=HttpSettings(
                 host=self.text("HTTP_HOST", "127.0.0.1"),
                 port=self.integer("HTTP_PORT", 8000, 0, 65535),
-                tokens=self.tokens("API_TOKENS"),
+                tokens=self.tokens("API_TOKENS") + self.token_file("API_TOKENS_FILE"),
                 anonymous_scope=self.choice("API_ANONYMOUS_SCOPE", None, SCOPES),
                 cors_origins=tuple(
                     o.strip() for o in self.text("CORS_ORIGINS").split(",") if o.strip()
                 ),
                 max_body_bytes=self.integer("HTTP_MAX_BODY_BYTES", 10_240, 256, 10_000_000),
+                open_probes=self.flag("HTTP_OPEN_PROBES", True),
             ),
             presence=PresenceSettings(
                 offline_threshold_s=self.number("OFFLINE_THRESHOLD_S", 15.0, 0.1, 86_400),
                 status_check_interval_s=self.number("STATUS_CHECK_INTERVAL_S", 5.0, 0.05, 3600),
+                new_node_threshold_s=self.number("NEW_NODE_THRESHOLD_S", 60.0, 0.1, 86_400),
+            ),
+            commands=CommandSettings(
+                max_in_flight=self.integer("COMMAND_MAX_IN_FLIGHT", 1, 1, 100),
+                ack_timeout_s=self.number("COMMAND_ACK_TIMEOUT_S", 10.0, 0.05, 3600),
+                exec_timeout_s=self.number("COMMAND_EXEC_TIMEOUT_S", 60.0, 0.05, 86_400),
+                default_ttl_s=self.number("COMMAND_DEFAULT_TTL_S", 300.0, 1, 7 * 86_400),
+                max_bytes=self.integer("COMMAND_MAX_BYTES", 10_240, 256, 1_000_000),
+                sweep_interval_s=self.number("COMMAND_SWEEP_INTERVAL_S", 1.0, 0.01, 60),
+                infer_window_s=self.number("COMMAND_INFER_WINDOW_S", 30.0, 0.1, 3600),
             ),
             log_level=self.choice(
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -1,0 +1,272 @@
+"""Presence: last-seen per node, per-node thresholds, online/offline transitions.
+
+A node is online from any message it sends; offline on its LWT (or an ``offline`` status)
+or when nothing was heard for longer than its threshold. The threshold is
+``max(OFFLINE_THRESHOLD_S, INTERVAL_MULTIPLE * observed interval)``, where the interval is
+a moving average of the gaps between its messages, so a node that reports every 30 s gets
+a 75 s threshold and never flaps. Until a node's interval is known (one message seen) the
+threshold is at least ``NEW_NODE_THRESHOLD_S`` (60 s), so a slow reporter does not
+flap on its first gap.
+
+Cost: only online nodes have an entry in the deadline heap (one, plus a stale one while
+the interval is being learned); a message
+only updates ``last_seen`` (O(1)); a tick pops the entries that are due and re-arms the
+ones heard from since. Silent nodes that are already offline cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+from .db import Database
+from .metrics import Metrics
+from .settings import PresenceSettings
+from .store import Accepted
+
+if TYPE_CHECKING:
+    from .db import Conn
+
+log = logging.getLogger(__name__)
+Status = Literal["online", "offline", "unknown"]
+Reason = Literal["message", "timeout", "lwt", "status", "startup"]
+INTERVAL_MULTIPLE = 2.5
+MAX_THRESHOLD_S = 6 * 3600.0
+EWMA_WEIGHT = 0.3
+Clock = Callable[[], float]  # wall-clock epoch seconds (injected in tests)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    node_id: str
+    previous: Status
+    status: Status
+    reason: Reason
+    at: float  # epoch seconds
+
+    @property
+    def at_datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.at, UTC)
+
+
+@dataclass(slots=True)
+class NodeState:
+    status: Status
+    last_seen: float
+    interval_s: float | None = None
+    deadline: float | None = None  # of its live entry in the deadline heap, if any
+    restored: bool = False  # loaded at start and not heard from since
+
+
+class Presence:
+    def __init__(
+        self,
+        settings: PresenceSettings,
+        db: Database,
+        metrics: Metrics,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.metrics = metrics
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._pending: list[Transition] = []
+        self._listeners: list[Callable[[Transition], None]] = []
+        self._flush = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.started_at = clock()
+
+    # -- queries -----------------------------------------------------------------------
+    def is_online(self, node_id: str) -> bool:
+        state = self.nodes.get(node_id)
+        return state is not None and state.status == "online"
+
+    def status(self, node_id: str) -> Status:
+        state = self.nodes.get(node_id)
+        return state.status if state else "unknown"
+
+    def threshold(self, state: NodeState) -> float:
+        base = self.settings.offline_threshold_s
+        if state.interval_s is None:
+            return max(base, self.settings.new_node_threshold_s)
+        return min(max(base, INTERVAL_MULTIPLE * state.interval_s), MAX_THRESHOLD_S)
+
+    def counts(self) -> tuple[int, int]:
+        online = sum(1 for s in self.nodes.values() if s.status == "online")
+        return online, len(self.nodes) - online
+
+    def forget(self, node_id: str) -> None:
+        """A deleted node: its heap entry, if any, is skipped when it comes due."""
+        self.nodes.pop(node_id, None)
+
+    def add_listener(self, callback: Callable[[Transition], None]) -> None:
+        self._listeners.append(callback)
+
+    # -- input -------------------------------------------------------------------------
+    def on_stored(self, rows: Sequence[Accepted]) -> None:
+        """Ingest callback, after commit: every stored message is a sign of life (or LWT)."""
+        for row in rows:
+            m = row.message
+            at = row.received_at.timestamp()
+            if m.offline:
+                lwt = m.data.get("reason") in (None, "lwt")
+                self.went_offline(m.node_id, "lwt" if lwt else "status", at)
+            else:
+                self.heard(m.node_id, at, "status" if m.kind == "status" else "message")
+
+    def heard(self, node_id: str, at: float, reason: Reason = "message") -> None:
+        state = self.nodes.get(node_id)
+        if state is None:
+            state = self.nodes[node_id] = NodeState("unknown", at)
+        elif at > state.last_seen:
+            gap = at - state.last_seen
+            if state.status == "online" and gap > 0.05:
+                state.interval_s = (
+                    gap
+                    if state.interval_s is None
+                    else EWMA_WEIGHT * gap + (1 - EWMA_WEIGHT) * state.interval_s
+                )
+            state.last_seen = at
+        state.restored = False
+        if state.status != "online":
+            self._transition(node_id, state, "online", reason, at)
+        target = state.last_seen + self.threshold(state)
+        # a later deadline is found when the entry comes due; an earlier one (the interval
+        # was just learned) needs an entry of its own, the old one then being stale
+        if state.deadline is None or target < state.deadline:
+            self._arm(node_id, state, target)
+
+    def _arm(self, node_id: str, state: NodeState, deadline: float) -> None:
+        state.deadline = deadline
+        heapq.heappush(self._heap, (deadline, node_id))
+
+    def went_offline(self, node_id: str, reason: Reason, at: float) -> None:
+        state = self.nodes.setdefault(node_id, NodeState("unknown", at))
+        state.last_seen = max(state.last_seen, at)
+        if state.status != "offline":
+            self._transition(node_id, state, "offline", reason, at)
+
+    # -- the ticker ----------------------------------------------------------------------
+    def check(self) -> list[Transition]:
+        """One tick: every online node silent beyond its threshold goes offline."""
+        now = self.clock()
+        before = len(self._pending)
+        while self._heap and self._heap[0][0] <= now:
+            due, node_id = heapq.heappop(self._heap)
+            state = self.nodes.get(node_id)
+            if state is None or state.deadline != due:
+                continue  # deleted node, or a stale entry
+            state.deadline = None
+            if state.status != "online":
+                continue
+            deadline = state.last_seen + self.threshold(state)
+            if deadline > now:
+                self._arm(node_id, state, deadline)
+            else:
+                reason: Reason = "startup" if state.restored else "timeout"
+                self._transition(node_id, state, "offline", reason, now)
+        return self._pending[before:]
+
+    def _transition(
+        self, node_id: str, state: NodeState, status: Status, reason: Reason, at: float
+    ) -> None:
+        event = Transition(node_id, state.status, status, reason, at)
+        state.status = status
+        self._pending.append(event)
+        self.metrics.presence_transitions.labels(status, reason).inc()
+        self._flush.set()
+        for listener in self._listeners:
+            listener(event)
+
+    # -- persistence -------------------------------------------------------------------
+    async def load(self) -> None:
+        """Restore state after a restart; nodes silent beyond threshold go offline (startup).
+
+        A node that was online gets one check interval of grace from the start, so the
+        backlog the broker kept for it is ingested before it is judged; a node that kept
+        reporting therefore never shows a spurious offline/online pair.
+        """
+        rows = await self.db.retrying(
+            lambda conn: conn.fetch(
+                "SELECT node_id, status, extract(epoch FROM last_seen) AS last_seen,"
+                " report_interval_s FROM nodes WHERE last_seen IS NOT NULL"
+            ),
+            self._stop,
+        )
+        grace_until = self.clock() + self.settings.status_check_interval_s
+        for row in rows:
+            status: Status = "online" if row["status"] == "online" else "offline"
+            state = NodeState(
+                status, float(row["last_seen"]), row["report_interval_s"], restored=True
+            )
+            self.nodes[row["node_id"]] = state
+            if status == "online":
+                deadline = max(state.last_seen + self.threshold(state), grace_until)
+                self._arm(row["node_id"], state, deadline)
+        log.info("presence restored for %d nodes", len(rows))
+
+    async def run(self) -> None:
+        """Tick every STATUS_CHECK_INTERVAL_S; write transitions as they happen."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._ticker(), name="presence-ticker")
+            tg.create_task(self._writer(), name="presence-writer")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._flush.set()
+
+    async def _ticker(self) -> None:
+        interval = self.settings.status_check_interval_s
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            self.check()
+            self.metrics.presence_tick_seconds.observe(time.perf_counter() - started)
+            online, offline = self.counts()
+            self.metrics.nodes.labels("online").set(online)
+            self.metrics.nodes.labels("offline").set(offline)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._flush.wait()
+            self._flush.clear()
+            await self.flush()
+            if self._stop.is_set():
+                return
+
+    async def flush(self) -> None:
+        """Persist pending transitions (and learned intervals) in one transaction."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        intervals = {t.node_id: self.nodes[t.node_id].interval_s for t in batch}
+        try:
+            await self.db.retrying(lambda conn: _write(conn, batch, intervals), self._stop)
+        except Exception:
+            self._pending[:0] = batch  # keep them for the next attempt
+            raise
+
+
+async def _write(conn: Conn, batch: list[Transition], intervals: dict[str, float | None]) -> None:
+    async with conn.transaction():
+        await conn.executemany(
+            "INSERT INTO node_events (node_id, from_status, to_status, reason, at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            [(t.node_id, t.previous, t.status, t.reason, t.at_datetime) for t in batch],
+        )
+        latest = {t.node_id: t for t in batch}
+        await conn.executemany(
+            "UPDATE nodes SET status = $2, status_changed_at = $3,"
+            " report_interval_s = COALESCE($4, report_interval_s) WHERE node_id = $1",
+            [(n, t.status, t.at_datetime, intervals.get(n)) for n, t in sorted(latest.items())],
+        )

@@ -1,0 +1,1 @@
+"""HTTP + WebSocket surface (Starlette, served by uvicorn inside the gateway's loop)."""

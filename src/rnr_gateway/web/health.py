@@ -1,0 +1,165 @@
+"""Probes, Prometheus metrics and the seed's JSON stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..db import TRANSIENT
+from .common import gateway, json_response, require
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+
+def _open(request: Request) -> None:
+    if not gateway(request).settings.http.open_probes:
+        require(request, "read")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+async def _database_ok(request: Request) -> bool:
+    db = gateway(request).db
+    try:
+        async with asyncio.timeout(2):
+            async with db.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+    except TRANSIENT:
+        return False
+    return True
+
+
+def rabbitmq_state(request: Request) -> dict[str, Any]:
+    return rabbitmq_state_of(gateway(request))
+
+
+def rabbitmq_state_of(gw: Gateway) -> dict[str, Any]:
+    m = gw.metrics
+    return {
+        "connected": gw.amqp.connected.is_set(),
+        "reconnects": int(m.value("rnr_reconnects_total", {"system": "rabbitmq"})),
+        "outages": int(m.value("rnr_outages_total", {"system": "rabbitmq"})),
+        "consumers": {
+            q: int(m.value("rnr_amqp_consumers", {"queue": q})) for q in gw.consumed_queues
+        },
+        "confirms_pending": int(m.value("rnr_amqp_confirms_pending")),
+    }
+
+
+def mqtt_state(request: Request) -> dict[str, Any]:
+    client = gateway(request).mqtt
+    if client is None:
+        return {"configured": False, "connected": False}
+    return {"configured": True, "connected": client.connected.is_set()}
+
+
+def worker_state(request: Request) -> dict[str, Any]:
+    return worker_state_of(gateway(request))
+
+
+def worker_state_of(gw: Gateway) -> dict[str, Any]:
+    m = gw.metrics
+    online, offline = gw.presence.counts()
+    return {
+        "running": gw.started.is_set(),
+        "uptime_seconds": round(time.monotonic() - gw.started_monotonic, 1),
+        "messages_processed": int(m.value("rnr_messages_acked_total")),
+        "messages_stored": int(
+            sum(
+                m.value("rnr_messages_stored_total", {"kind": k})
+                for k in ("reading", "event", "heartbeat", "ping", "status")
+            )
+        ),
+        "messages_duplicate": int(m.value("rnr_messages_duplicate_total")),
+        "messages_failed": int(gw.failed_total()),
+        "backlog": gw.ingest.backlog,
+        "database_up": gw.db.up,
+        "nodes_online": online,
+        "nodes_offline": offline,
+    }
+
+
+def _probe(ok: bool, **details: Any) -> Response:
+    body = {"status": "healthy" if ok else "unhealthy", "timestamp": _now(), **details}
+    return json_response(body, status=200 if ok else 503)
+
+
+async def health(request: Request) -> Response:
+    """Legacy shape: one status and one object per service."""
+    _open(request)
+    db_ok = await _database_ok(request)
+    amqp, mqtt, worker = rabbitmq_state(request), mqtt_state(request), worker_state(request)
+    ok = db_ok and amqp["connected"] and (mqtt["connected"] or not mqtt["configured"])
+    return _probe(
+        ok,
+        services={
+            "rabbitmq": amqp,
+            "mqtt": mqtt,
+            "database": {"connected": db_ok},
+            "worker": worker,
+        },
+    )
+
+
+async def live(request: Request) -> Response:
+    return json_response({"status": "alive", "timestamp": _now()})
+
+
+async def ready(request: Request) -> Response:
+    _open(request)
+    checks = {
+        "database": await _database_ok(request),
+        "rabbitmq": rabbitmq_state(request)["connected"],
+        "mqtt": mqtt_state(request)["connected"] or not mqtt_state(request)["configured"],
+    }
+    return _probe(all(checks.values()), checks=checks)
+
+
+async def health_rabbitmq(request: Request) -> Response:
+    _open(request)
+    state = rabbitmq_state(request)
+    return _probe(state["connected"], **state)
+
+
+async def health_mqtt(request: Request) -> Response:
+    _open(request)
+    state = mqtt_state(request)
+    return _probe(state["connected"] or not state["configured"], **state)
+
+
+async def health_worker(request: Request) -> Response:
+    _open(request)
+    state = worker_state(request)
+    return _probe(state["running"] and state["database_up"], **state)
+
+
+async def metrics(request: Request) -> Response:
+    _open(request)
+    return Response(gateway(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def stats(request: Request) -> Response:
+    require(request, "read")
+    return json_response(gateway(request).stats())
+
+
+routes = [
+    Route("/health", health),
+    Route("/health/live", live),
+    Route("/health/ready", ready),
+    Route("/health/rabbitmq", health_rabbitmq),
+    Route("/health/mqtt", health_mqtt),
+    Route("/health/worker", health_worker),
+    Route("/metrics", metrics),
+    Route("/api/stats", stats),
+]

@@ -1,0 +1,172 @@
+"""Offline detection with an injected clock: exact detection times, no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rnr_gateway.metrics import Metrics
+from rnr_gateway.presence import Presence, Transition
+from rnr_gateway.settings import PresenceSettings
+
+PROBATION_S = PresenceSettings().new_node_threshold_s
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    threshold: float = 15.0, interval: float = 5.0
+) -> tuple[Presence, Clock, list[Transition]]:
+    clock = Clock()
+    presence = Presence(
+        PresenceSettings(threshold, interval),
+        db=None,
+        metrics=Metrics(),  # type: ignore[arg-type]
+        clock=clock,
+    )
+    seen: list[Transition] = []
+    presence.add_listener(seen.append)
+    return presence, clock, seen
+
+
+def tick_until(presence: Presence, clock: Clock, end: float, step: float = 5.0) -> None:
+    while clock.now + step <= end:
+        clock.now += step
+        presence.check()
+
+
+def test_fast_reporter_goes_offline_after_threshold_plus_at_most_one_check() -> None:
+    presence, clock, seen = make()
+    start = clock.now
+    for _ in range(10):  # every 2 s: interval learned, threshold stays at 15 s
+        presence.heard("N1", clock.now)
+        clock.now += 2
+    last = clock.now - 2
+    tick_until(presence, clock, last + 40)
+    offline = [t for t in seen if t.status == "offline"]
+    assert len(offline) == 1
+    assert offline[0].reason == "timeout"
+    assert last + 15 <= offline[0].at <= last + 15 + 5
+    assert [t.status for t in seen] == ["online", "offline"]
+    assert seen[0].at == start
+
+
+def test_lwt_is_immediate_and_pushed_once() -> None:
+    presence, clock, seen = make()
+    presence.heard("N1", clock.now)
+    presence.went_offline("N1", "lwt", clock.now + 1)
+    presence.went_offline("N1", "lwt", clock.now + 2)  # retained LWT seen twice
+    tick_until(presence, clock, clock.now + 120)
+    assert [(t.status, t.reason) for t in seen] == [("online", "message"), ("offline", "lwt")]
+
+
+def test_thirty_second_reporter_never_flaps() -> None:
+    presence, clock, seen = make()
+    for _ in range(40):  # 20 minutes of a legacy minimal node
+        presence.heard("SLOW", clock.now)
+        tick_until(presence, clock, clock.now + 30, step=5.0)
+    assert [t.status for t in seen] == ["online"]
+    assert presence.threshold(presence.nodes["SLOW"]) == pytest.approx(75.0)
+
+
+def test_new_node_silent_after_first_message_goes_offline_after_probation() -> None:
+    presence, clock, seen = make()
+    first = clock.now
+    presence.heard("ONCE", first)
+    tick_until(presence, clock, first + PROBATION_S + 10)
+    assert [t.status for t in seen] == ["online", "offline"]
+    assert first + PROBATION_S <= seen[1].at <= first + PROBATION_S + 5
+
+
+def test_node_back_after_timeout_is_online_again_with_reason_message() -> None:
+    presence, clock, seen = make()
+    for _ in range(3):
+        presence.heard("N", clock.now)
+        clock.now += 5
+    tick_until(presence, clock, clock.now + 30)
+    presence.heard("N", clock.now)
+    assert [(t.status, t.reason) for t in seen] == [
+        ("online", "message"),
+        ("offline", "timeout"),
+        ("online", "message"),
+    ]
+
+
+def test_tick_cost_ignores_silent_offline_nodes() -> None:
+    presence, clock, _ = make()
+    for i in range(10_000):
+        presence.heard(f"N{i}", clock.now)
+    tick_until(presence, clock, clock.now + PROBATION_S + 5)
+    assert presence.counts() == (0, 10_000)
+    assert presence._heap == []  # nothing left to look at for offline nodes
+    presence.heard("N1", clock.now)
+    assert len(presence._heap) == 1
+
+
+def test_stored_lwt_and_status_messages_map_to_reasons() -> None:
+    from datetime import UTC, datetime
+
+    from rnr_gateway.codec import decode
+    from rnr_gateway.store import Accepted
+
+    presence, clock, seen = make()
+    now = datetime.fromtimestamp(clock.now, UTC)
+    presence.on_stored(
+        [
+            Accepted(decode("devices.A.status", b'{"status":"online"}'), now),
+            Accepted(decode("devices.A.status", b"offline"), now),
+            Accepted(decode("devices.B.data", b'{"temperature":1}'), now),
+            Accepted(decode("devices.B.status", b'{"status":"offline","reason":"shutdown"}'), now),
+        ]
+    )
+    assert [(t.node_id, t.status, t.reason) for t in seen] == [
+        ("A", "online", "status"),
+        ("A", "offline", "lwt"),
+        ("B", "online", "message"),
+        ("B", "offline", "status"),
+    ]
+
+
+async def test_restart_restores_state_and_flags_silent_nodes_as_startup() -> None:
+    class FakeDb:  # the one query load() makes; the real one is covered end to end
+        async def retrying(self, work: object, stop: asyncio.Event) -> list[dict[str, object]]:
+            return rows
+
+    clock = Clock()
+    rows = [
+        {
+            "node_id": "KEPT",
+            "status": "online",
+            "last_seen": clock.now - 3,
+            "report_interval_s": 2.0,
+        },
+        {
+            "node_id": "GONE",
+            "status": "online",
+            "last_seen": clock.now - 600,
+            "report_interval_s": 2.0,
+        },
+        {
+            "node_id": "OFF",
+            "status": "offline",
+            "last_seen": clock.now - 900,
+            "report_interval_s": None,
+        },
+    ]
+    presence = Presence(PresenceSettings(15, 5), FakeDb(), Metrics(), clock)  # type: ignore[arg-type]
+    seen: list[Transition] = []
+    presence.add_listener(seen.append)
+    await presence.load()
+    presence.check()
+    assert seen == []  # one check interval of grace for the broker's backlog
+    presence.heard("KEPT", clock.now + 1)  # backlog ingested: KEPT kept reporting
+    tick_until(presence, clock, clock.now + 10)
+    assert [(t.node_id, t.status, t.reason) for t in seen] == [("GONE", "offline", "startup")]
+    assert presence.is_online("KEPT") and not presence.is_online("OFF")
