@@ -46,3 +46,62 @@ class BadMessage(GatewayError):
 class PortInUse(GatewayError):
     def __init__(self, host: str, port: int, cause: str) -> None:
         super().__init__(f"cannot listen on {host}:{port} ({cause}); set HTTP_PORT to a free port")
+
+
+class NotFound(GatewayError):
+    """Something a request names does not exist (HTTP 404)."""
+
+    code = "not_found"
+
+    def __init__(self, kind: str, key: str, hint: str = "") -> None:
+        self.kind, self.key = kind, key
+        super().__init__(f"{kind} {key!r} does not exist" + (f"; {hint}" if hint else ""))
+
+
+class NodeNotFound(NotFound):
+    code = "node_not_found"
+
+    def __init__(self, node_ids: list[str]) -> None:
+        self.node_ids = node_ids
+        shown = ", ".join(node_ids[:10]) + (", ..." if len(node_ids) > 10 else "")
+        super().__init__(
+            "node", shown, "register it (POST /api/nodes) or let it send a message first"
+        )
+
+
+class CommandNotFound(NotFound):
+    code = "command_not_found"
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        super().__init__("command", message_id)
+
+
+class InvalidCommand(GatewayError):
+    """A command body the gateway refuses (HTTP 422); ``field`` names the culprit."""
+
+    code = "invalid_command"
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}")
+
+
+class CommandTooLarge(GatewayError):
+    """The encoded command is over the limit (HTTP 413)."""
+
+    code = "command_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size, self.limit = size, limit
+        super().__init__(f"the encoded command is {size} bytes, over the {limit}-byte limit")
+
+
+class CommandConflict(GatewayError):
+    """The command is in a state that does not allow the request (HTTP 409)."""
+
+    code = "command_conflict"
+
+    def __init__(self, message_id: str, status: str, detail: str) -> None:
+        self.message_id, self.status = message_id, status
+        super().__init__(f"command {message_id!r} is {status}: {detail}")

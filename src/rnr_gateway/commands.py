@@ -1,0 +1,509 @@
+"""Commands: API → outbox → ``device_commands_enhanced`` → dispatcher → MQTT → node → acks.
+
+The outbox (PostgreSQL ``commands``) is the record of truth; the broker queue is the
+intake: every command, ours or another producer's, passes through it with its priority
+and TTL, and a delivery is acked once its command is in the outbox and offered to the
+in-memory per-node scheduler (``dispatch.Scheduler``). See docs/commands.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from . import outbox, topology
+from .amqp import Amqp, Consumer
+from .command_codec import (
+    Options,
+    encode,
+    new_message_id,
+    validate,
+    validate_options,
+)
+from .command_tracking import Tracker
+from .db import TRANSIENT, Database
+from .dispatch import Pending, Scheduler
+from .errors import (
+    CommandConflict,
+    CommandNotFound,
+    DependencyUnavailable,
+    GatewayError,
+    InvalidCommand,
+    NodeNotFound,
+)
+from .metrics import Metrics
+from .mqtt import Mqtt, PublishUnconfirmed
+from .outbox import CommandRecord, Moved, NewCommand, utcnow
+from .settings import Settings
+from .topics import command_topic, valid_node_id
+
+if TYPE_CHECKING:
+    from .db import Conn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# receives {"type": "command_status", message_id, node_id, status, reason, timestamp}
+OnStatus = Callable[[dict[str, Any]], None]
+INTAKE_GRACE_S = 2.0  # an own command not back from the intake queue by then goes direct
+
+
+class PresenceChange(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+
+class PresenceView(Protocol):
+    """What commands need from presence (``presence.Presence`` provides it)."""
+
+    def is_online(self, node_id: str) -> bool: ...
+
+    def add_listener(self, callback: Callable[[PresenceChange], None]) -> None: ...
+
+
+class Commands:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        amqp: Amqp,
+        mqtt: Mqtt,
+        metrics: Metrics,
+        presence: PresenceView,
+        on_status: OnStatus | None = None,
+    ) -> None:
+        self.settings = settings.commands
+        self.retry_delay_s = settings.mqtt.retry_delay_s
+        self.db, self.amqp, self.mqtt, self.presence = db, amqp, mqtt, presence
+        self.listeners: list[OnStatus] = [on_status] if on_status else []
+        self.scheduler = Scheduler(self.settings.max_in_flight)
+        self.tracker = Tracker(self, metrics)
+        self._ours: dict[str, tuple[Pending, float]] = {}  # routed, not yet back from intake
+        self._intake: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._draining = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        presence.add_listener(self._on_presence)
+
+    # -- API -----------------------------------------------------------------------------
+    async def submit(
+        self,
+        node_id: str,
+        body: Mapping[str, Any],
+        *,
+        priority: int = 5,
+        ttl_s: float | None = None,
+        retain: bool = False,
+    ) -> CommandRecord:
+        """Queue one command; returns its record (status ``queued``).
+
+        A ``message_id`` in the body makes the call idempotent: the same id again returns
+        the existing command. Raises NodeNotFound, InvalidCommand, CommandTooLarge,
+        CommandConflict (id reused for another command) or DependencyUnavailable.
+        """
+        options = self._options(priority, ttl_s, retain)
+        action = validate(body)
+        if not valid_node_id(node_id):
+            raise NodeNotFound([node_id[:80]])
+        new = self._new(node_id, action, body, options, body.get("message_id"), None)
+        payload = self._encode(new)
+
+        async def store(conn: Conn) -> CommandRecord | None:
+            if not await outbox.existing_nodes(conn, [node_id]):
+                raise NodeNotFound([node_id])
+            if new.message_id in await outbox.insert(conn, [new], "accepted"):
+                return None
+            return await outbox.fetch(conn, new.message_id)
+
+        existing = await self._query(store)
+        if existing is not None:
+            if existing.node_id == node_id and existing.params == dict(body):
+                return existing
+            raise CommandConflict(
+                new.message_id, existing.status, "this message_id is taken by another command"
+            )
+        self.emit(Moved(new.message_id, node_id, "queued", "accepted", new.created_at, retain, 0))
+        await self._route([self._pending(new, payload)])
+        return _record(new)
+
+    async def broadcast(
+        self,
+        node_ids: Sequence[str] | None,
+        body: Mapping[str, Any],
+        *,
+        priority: int = 5,
+        ttl_s: float | None = None,
+        retain: bool = False,
+    ) -> tuple[str, list[CommandRecord]]:
+        """One command per node (every known node when ``node_ids`` is None), one group id."""
+        options = self._options(priority, ttl_s, retain)
+        action = validate(body)
+        if "message_id" in body:
+            raise InvalidCommand("message_id", "a broadcast makes one command (and id) per node")
+        wanted = None if node_ids is None else sorted(set(node_ids))
+        bad = [n[:80] for n in wanted or () if not valid_node_id(n)]
+        if bad:
+            raise NodeNotFound(bad)
+        targets = await self._query(lambda conn: outbox.existing_nodes(conn, wanted))
+        missing = sorted(set(wanted or ()) - set(targets))
+        if missing:
+            raise NodeNotFound(missing)
+        if not targets:
+            raise InvalidCommand("node_ids", "there are no nodes to send to")
+        group = "b" + new_message_id()
+        news = [self._new(n, action, body, options, None, group) for n in targets]
+        payloads = [self._encode(n) for n in news]
+        await self._query(lambda conn: outbox.insert(conn, news, "accepted"))
+        for n in news:
+            self.emit(Moved(n.message_id, n.node_id, "queued", "accepted", n.created_at, retain, 0))
+        await self._route([self._pending(n, p) for n, p in zip(news, payloads, strict=True)])
+        return group, [_record(n) for n in news]
+
+    async def get(self, message_id: str) -> CommandRecord:
+        """The command with its transitions (``events``); CommandNotFound if unknown."""
+        record = await self._query(lambda conn: outbox.fetch(conn, message_id, events=True))
+        if record is None:
+            raise CommandNotFound(message_id[:80])
+        return record
+
+    async def for_node(self, node_id: str, limit: int = 50) -> list[CommandRecord]:
+        """The node's latest commands, newest first (an unknown node has none)."""
+        return await self._query(lambda conn: outbox.for_node(conn, node_id, max(1, limit)))
+
+    async def cancel(self, message_id: str) -> CommandRecord:
+        """Cancel a command never handed to MQTT; CommandConflict once it may have been."""
+        at = utcnow()
+
+        async def work(conn: Conn) -> tuple[Moved | None, CommandRecord | None]:
+            moved = await outbox.move(
+                conn,
+                message_id,
+                "cancelled",
+                "cancelled by request",
+                at,
+                allowed_from=("queued",),
+                never_attempted=True,
+            )
+            return moved, await outbox.fetch(conn, message_id, events=True)
+
+        moved, record = await self._query(work)
+        if record is None:
+            raise CommandNotFound(message_id[:80])
+        if moved is None:
+            detail = (
+                "a delivery attempt was made (outcome unknown); it can no longer be cancelled"
+                if record.status == "queued"
+                else "only a queued command can be cancelled"
+            )
+            raise CommandConflict(message_id, record.status, detail)
+        self.scheduler.remove(message_id)
+        self.emit(moved)
+        return record
+
+    def stats(self) -> dict[str, Any]:
+        """MQTT publisher stats (seed shape) plus the outbox as this process sees it."""
+        out = self.mqtt.stats()
+        out.update(queued=self.scheduler.queued, in_flight=self.scheduler.in_flight)
+        return out
+
+    def add_listener(self, callback: OnStatus) -> None:
+        self.listeners.append(callback)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- wiring --------------------------------------------------------------------------
+    def consumers(self) -> list[Consumer]:
+        return [
+            Consumer(topology.COMMAND_QUEUE, self._intake.put_nowait),
+            Consumer(topology.ACK_QUEUE, self.tracker.submit),
+        ]
+
+    def on_stored(self, rows: Sequence[Any]) -> None:
+        """Ingest callback: legacy status events may confirm a command (inferred)."""
+        self.tracker.on_stored(rows)
+
+    def _on_presence(self, change: PresenceChange) -> None:
+        if change.status == "online":
+            self.scheduler.wake(change.node_id)
+            self._wake.set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        await self._load()
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self._dispatch_loop(), name="commands-dispatch")
+            tg.create_task(self._intake_loop(), name="commands-intake")
+            tg.create_task(self.tracker.run(), name="commands-acks")
+            tg.create_task(self._sweep_loop(), name="commands-sweep")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop dispatching; let publishes in progress and buffered acks settle (bounded)."""
+        self._draining = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._sending:
+                    await asyncio.wait(set(self._sending))
+                await self.tracker.drain()
+                await self._intake.join()
+        except TimeoutError:
+            return False
+        finally:
+            self._stop.set()
+        return True
+
+    async def _load(self) -> None:
+        """Rebuild the scheduler from the outbox: queued commands, and those still in flight."""
+        at = utcnow()
+        window = timedelta(seconds=max(self.settings.ack_timeout_s, self.settings.exec_timeout_s))
+        rows = await self.db.retrying(lambda c: outbox.open_commands(c, at - window), self._stop)
+        held = 0
+        for r in rows:
+            if r.status == "queued":
+                payload = encode(r.params, r.message_id, r.created_at, r.expires_at, r.priority)
+                self.scheduler.offer(_pending_of(r, payload))
+            else:
+                held += self.tracker.restore(r, at)
+        await self.tracker.load_retained()
+        log.info("commands: %d queued, %d in flight restored", len(rows) - held, held)
+        self._wake.set()
+
+    # -- routing (intake queue) ----------------------------------------------------------
+    async def _route(self, pending: list[Pending]) -> None:
+        """Through device_commands_enhanced (confirmed); if the broker fails, go direct."""
+        started = time.monotonic()
+        for p in pending:
+            self._ours[p.message_id] = (p, started)
+        results = await asyncio.gather(
+            *(self._publish_intake(p) for p in pending), return_exceptions=True
+        )
+        for p, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, GatewayError):
+                    raise result
+                log.warning(
+                    "command %s not routed through %s (%s); dispatching from the outbox",
+                    p.message_id,
+                    topology.COMMAND_QUEUE,
+                    result,
+                )
+                self._adopt_ours(p.message_id)
+
+    async def _publish_intake(self, p: Pending) -> None:
+        await self.amqp.publish(
+            topology.COMMAND_EXCHANGE,
+            f"commands.{p.node_id}",
+            p.payload,
+            priority=p.priority,
+            expiration_s=max(0.001, p.expires_at - time.time()),
+            message_id=p.message_id,
+            headers={"retain": True} if p.retain else None,
+        )
+
+    def _adopt_ours(self, message_id: str) -> None:
+        entry = self._ours.pop(message_id, None)
+        if entry is not None and self.scheduler.offer(entry[0]):
+            self._wake.set()
+
+    async def _intake_loop(self) -> None:
+        while True:
+            message = await self._intake.get()
+            try:
+                await self._take_in(message)
+            finally:
+                self._intake.task_done()
+
+    async def _take_in(self, message: AbstractIncomingMessage) -> None:
+        mid = message.message_id or ""
+        if mid in self._ours:
+            self._adopt_ours(mid)
+        else:
+            pending = await self.tracker.adopt_external(message)
+            if pending is not None and self.scheduler.offer(pending):
+                self._wake.set()
+        with contextlib.suppress(Exception):  # a lost channel redelivers; offer is idempotent
+            await message.ack()
+
+    # -- dispatch ------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._draining:
+                continue
+            if not self.mqtt.connected.is_set():
+                await self.mqtt.connected.wait()
+            assert self._tg is not None
+            for cmd in self.scheduler.take(self.presence.is_online):
+                task = self._tg.create_task(self._send(cmd), name=f"command-{cmd.message_id}")
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+
+    async def _send(self, cmd: Pending) -> None:
+        try:
+            attempt = await self.retrying(lambda c: outbox.claim(c, cmd.message_id, utcnow()))
+            if attempt is None:  # cancelled, expired or sent meanwhile: the sweep settles it
+                self.scheduler.settle(cmd.node_id, cmd.message_id)
+                self._wake.set()
+                return
+            try:
+                if cmd.retain:
+                    await self.tracker.publish_retained(cmd)
+                await self.mqtt.publish(command_topic(cmd.node_id), cmd.payload, qos=1)
+            except PublishUnconfirmed as exc:
+                log.warning(
+                    "command %s to %s: %s; resending with the same id",
+                    cmd.message_id,
+                    cmd.node_id,
+                    exc.cause,
+                )
+                await asyncio.sleep(self.retry_delay_s)
+                self.scheduler.requeue(cmd)
+                self._wake.set()
+                return
+            await self.tracker.on_published(cmd)
+        except DependencyUnavailable as exc:  # database gone while stopping
+            log.warning("command %s left for the next start: %s", cmd.message_id, exc)
+            self.scheduler.settle(cmd.node_id, cmd.message_id)
+
+    # -- sweep ---------------------------------------------------------------------------
+    async def _sweep_loop(self) -> None:
+        interval = self.settings.sweep_interval_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+            if self._stop.is_set():
+                return
+            try:
+                await self._sweep()
+            except DependencyUnavailable as exc:
+                log.debug("command sweep skipped: %s", exc)
+
+    async def _sweep(self) -> None:
+        at = utcnow()
+        for moved in await self.retrying(lambda c: outbox.expire_due(c, at)):
+            self.scheduler.remove(moved.message_id)
+            self.emit(moved)
+        self.tracker.check_timeouts(time.monotonic())
+        stale = [m for m, (_, t) in self._ours.items() if time.monotonic() - t > INTAKE_GRACE_S]
+        for mid in stale:
+            log.warning("command %s not back from the intake queue; dispatching direct", mid)
+            self._adopt_ours(mid)
+        await self.tracker.clear_settled_retained(at)
+        if self.scheduler.has_work:
+            self._wake.set()
+
+    # -- helpers -------------------------------------------------------------------------
+    def emit(self, moved: Moved) -> None:
+        self.tracker.count(moved)
+        event: dict[str, Any] = {
+            "type": "command_status",
+            "message_id": moved.message_id,
+            "node_id": moved.node_id,
+            "status": moved.status,
+            "reason": moved.reason,
+            "timestamp": moved.at.isoformat(),
+        }
+        for callback in self.listeners:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("command status listener failed")
+
+    def _options(self, priority: Any, ttl_s: Any, retain: Any) -> Options:
+        return validate_options(
+            priority, self.settings.default_ttl_s if ttl_s is None else ttl_s, retain
+        )
+
+    @staticmethod
+    def _new(
+        node_id: str,
+        action: str,
+        body: Mapping[str, Any],
+        options: Options,
+        message_id: str | None,
+        group: str | None,
+    ) -> NewCommand:
+        created = utcnow()
+        return NewCommand(
+            message_id or new_message_id(),
+            node_id,
+            action,
+            dict(body),
+            options,
+            created,
+            created + timedelta(seconds=options.ttl_s),
+            group,
+        )
+
+    def _encode(self, new: NewCommand) -> bytes:
+        return encode(
+            new.params,
+            new.message_id,
+            new.created_at,
+            new.expires_at,
+            new.options.priority,
+            self.settings.max_bytes,
+        )
+
+    @staticmethod
+    def _pending(new: NewCommand, payload: bytes) -> Pending:
+        return Pending(
+            new.message_id,
+            new.node_id,
+            new.options.priority,
+            new.expires_at.timestamp(),
+            payload,
+            new.options.retain,
+        )
+
+    async def _query(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """An API call's database work: one attempt, an outage is DependencyUnavailable."""
+        try:
+            async with self.db.pool.acquire(timeout=self.db.settings.command_timeout_s) as conn:
+                return await work(conn)
+        except TRANSIENT as exc:
+            raise DependencyUnavailable("postgresql", self.db.settings.display, str(exc)) from None
+
+    async def retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Background database work: rides out an outage until stopped."""
+        return await self.db.retrying(work, self._stop)
+
+
+def _pending_of(r: CommandRecord, payload: bytes) -> Pending:
+    return Pending(r.message_id, r.node_id, r.priority, r.expires_at.timestamp(), payload, r.retain)
+
+
+def _record(new: NewCommand) -> CommandRecord:
+    o = new.options
+    return CommandRecord(
+        new.message_id,
+        new.node_id,
+        new.action,
+        new.params,
+        o.priority,
+        o.ttl_s,
+        o.retain,
+        new.broadcast_id,
+        "queued",
+        "accepted",
+        new.created_at,
+        new.expires_at,
+        None,
+        None,
+        None,
+        0,
+        new.created_at,
+    )

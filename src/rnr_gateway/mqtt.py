@@ -1,0 +1,237 @@
+"""The gateway's MQTT client (aiomqtt 2.x): command publishes at QoS 1, reconnect inside.
+
+One task (``run``) owns the connection: a new ``aiomqtt.Client`` per attempt (a client is
+not reusable after a failure), TCP_NODELAY (Nagle adds ~50 ms to each command round
+trip on loopback otherwise). The first connect makes ``MQTT_MAX_RETRIES`` further attempts
+``MQTT_RETRY_DELAY`` apart, then fails with a clear error; a connection lost later is
+retried for ever, the delay doubling from ``MQTT_RETRY_DELAY`` to 60 s, with jitter.
+
+``publish`` returns only after the broker's PUBACK. Anything else (not connected, timeout,
+connection lost while waiting) raises ``PublishUnconfirmed``: the outcome is unknown and
+the caller resends with the same message id. A timeout also drops the connection, since
+a broker that does not answer on loopback within the timeout is not to be trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import socket
+import time
+from typing import Any
+
+import aiomqtt
+from prometheus_client import Counter, Gauge, Histogram
+
+from .errors import DependencyUnavailable
+from .metrics import LATENCY_BUCKETS, Metrics
+from .settings import MqttSettings
+
+log = logging.getLogger(__name__)
+SYSTEM = "mqtt"
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+RECONNECT_MAX_S = 60.0
+KEEPALIVE_S = 30
+
+
+class PublishUnconfirmed(DependencyUnavailable):
+    """No PUBACK: the message may or may not have reached the broker."""
+
+    def __init__(self, target: str, cause: str) -> None:
+        super().__init__(SYSTEM, target, cause)
+
+
+class Mqtt:
+    def __init__(
+        self, settings: MqttSettings, metrics: Metrics, *, client_id: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.client_id = client_id or f"rnr-gateway-{secrets.token_hex(4)}"
+        self.target = f"{settings.host}:{settings.port}"
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._lost = asyncio.Event()  # replaced per connection; set when it is gone
+        self._kick = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.connections = 0
+        r = metrics.registry
+        self.attempts = Counter(
+            "rnr_mqtt_connection_attempts", "MQTT connection attempts", registry=r
+        )
+        self.publishes = Counter(
+            "rnr_mqtt_publishes",
+            "MQTT publishes by kind and result",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.pending = Gauge("rnr_mqtt_pending_publishes", "Publishes awaiting PUBACK", registry=r)
+        self.puback_seconds = Histogram(
+            "rnr_mqtt_puback_seconds", "Publish to PUBACK", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    # -- connection ----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reconnect(self) -> None:
+        """Drop the current connection; ``run`` opens a new one."""
+        self._kick.set()
+
+    async def run(self) -> None:
+        failures = 0
+        ever_connected = False
+        while not self._stop.is_set():
+            self.attempts.inc()
+            client = self._new_client()
+            try:
+                async with client:
+                    self._up(client)
+                    ever_connected, failures = True, 0
+                    await self._watch(client)
+            except aiomqtt.MqttError as exc:
+                failures += 1
+                if not ever_connected and failures > self.settings.max_retries:
+                    raise DependencyUnavailable(
+                        SYSTEM,
+                        self.target,
+                        f"{exc} (after {failures} attempts; check MQTT_BROKER_HOST/PORT,"
+                        " MQTT_USERNAME and the broker's MQTT plugin)",
+                    ) from None
+                self._log_failure(exc, failures, ever_connected)
+            finally:
+                self._down()
+            if self._stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._delay(failures, ever_connected))
+
+    def _new_client(self) -> aiomqtt.Client:
+        password = self.settings.password.value if self.settings.password else None
+        return aiomqtt.Client(
+            self.settings.host,
+            self.settings.port,
+            username=self.settings.username,
+            password=password,
+            identifier=self.client_id,
+            keepalive=KEEPALIVE_S,
+            timeout=self.settings.connection_timeout_s,
+            socket_options=NODELAY,
+        )
+
+    def _delay(self, failures: int, ever_connected: bool) -> float:
+        base = self.settings.retry_delay_s
+        if not ever_connected:
+            return base
+        delay: float = min(base * 2 ** max(0, failures - 1), RECONNECT_MAX_S)
+        return delay * random.uniform(0.8, 1.2)
+
+    def _log_failure(self, exc: BaseException, failures: int, ever_connected: bool) -> None:
+        if failures == 1:
+            log.warning("MQTT connection to %s failed or lost: %s; retrying", self.target, exc)
+        else:
+            log.debug("MQTT attempt %d to %s failed: %s", failures, self.target, exc)
+
+    def _up(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._lost = asyncio.Event()
+        self._kick.clear()
+        self.connected.set()
+        self.metrics.dependency_up.labels(SYSTEM).set(1)
+        self.connections += 1
+        if self.connections > 1:
+            self.metrics.reconnects.labels(SYSTEM).inc()
+        log.info("MQTT connected to %s as %s", self.target, self.client_id)
+
+    def _down(self) -> None:
+        if self.connected.is_set():
+            self.metrics.outages.labels(SYSTEM).inc()
+        self._client = None
+        self._lost.set()
+        self.connected.clear()
+        self.metrics.dependency_up.labels(SYSTEM).set(0)
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Until the connection drops (raises MqttError), a reconnect is asked for, or stop."""
+
+        async def disconnected() -> None:
+            async for _ in client.messages:  # we subscribe to nothing: this ends on loss
+                pass
+
+        waits = {
+            asyncio.ensure_future(disconnected()),
+            asyncio.ensure_future(self._stop.wait()),
+            asyncio.ensure_future(self._kick.wait()),
+        }
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        for waiter in done:
+            waiter.result()  # a lost connection raises MqttError here
+        if self._kick.is_set() and not self._stop.is_set():
+            raise aiomqtt.MqttError("connection dropped after an unconfirmed publish")
+
+    # -- publishing ----------------------------------------------------------------------
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        kind: str = "command",
+    ) -> None:
+        """Publish and wait for the PUBACK; ``PublishUnconfirmed`` when it cannot be known."""
+        client, lost = self._client, self._lost
+        if client is None or not self.connected.is_set():
+            self.publishes.labels(kind, "unconfirmed").inc()
+            raise PublishUnconfirmed(self.target, "not connected")
+        started = time.perf_counter()
+        self.pending.inc()
+        sending = asyncio.ensure_future(
+            client.publish(
+                topic, payload, qos=qos, retain=retain, timeout=self.settings.publish_timeout_s
+            )
+        )
+        gone = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not sending.done():
+                raise PublishUnconfirmed(self.target, "connection lost before the PUBACK")
+            sending.result()
+        except aiomqtt.MqttError as exc:
+            self.publishes.labels(kind, "unconfirmed").inc()
+            self.reconnect()
+            raise PublishUnconfirmed(self.target, f"no PUBACK: {exc}") from None
+        except PublishUnconfirmed:
+            self.publishes.labels(kind, "unconfirmed").inc()
+            raise
+        finally:
+            sending.cancel()
+            gone.cancel()
+            self.pending.dec()
+        self.publishes.labels(kind, "confirmed").inc()
+        self.puback_seconds.observe(time.perf_counter() - started)
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's MQTT publisher stats object, from the counters above."""
+        sent = self.metrics.value(
+            "rnr_mqtt_publishes_total", {"kind": "command", "result": "confirmed"}
+        )
+        failed = self.metrics.value(
+            "rnr_mqtt_publishes_total", {"kind": "command", "result": "unconfirmed"}
+        )
+        total = sent + failed
+        return {
+            "connected": self.connected.is_set(),
+            "commands_sent": int(sent),
+            "commands_failed": int(failed),
+            "success_rate_percent": round(100.0 * sent / total, 2) if total else 100.0,
+            "pending_publishes": int(self.metrics.value("rnr_mqtt_pending_publishes")),
+            "connection_attempts": int(self.metrics.value("rnr_mqtt_connection_attempts_total")),
+        }
