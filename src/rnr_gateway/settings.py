@@ -245,11 +245,11 @@ class _Reader:
     def tokens(self, name: str, raw: str | None = None) -> tuple[tuple[Scope, Secret], ...]:
         out: list[tuple[Scope, Secret]] = []
         source = self.text(name) if raw is None else raw
-        for item in filter(None, (p.strip() for p in source.split(","))):
+        for number, item in enumerate(filter(None, (p.strip() for p in source.split(","))), 1):
             scope, sep, token = item.partition(":")
             if not sep or scope not in SCOPES or len(token) < 8:
                 self.problems.append(
-                    f"{name}: entry #{len(out) + 1} must be scope:token with scope one of "
+                    f"{name}: entry #{number} must be scope:token with scope one of "
                     "read, command, admin and a token of at least 8 characters"
                 )
                 continue

@@ -24,6 +24,7 @@ SELECT n, d::jsonb, r, k, t, b, s
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::float8[],
             $6::int[], $7::int8[]) AS m(n, d, r, k, t, b, s)
 ON CONFLICT (node_id, boot, seq) WHERE boot IS NOT NULL AND seq IS NOT NULL DO NOTHING
+RETURNING node_id, boot, seq
 """
 
 UPSERT_NODES = """
@@ -84,9 +85,12 @@ async def write_batch(
     async with conn.transaction():
         inserted = 0
         if accepted:
-            status = await conn.execute(INSERT_MESSAGES, *_message_columns(accepted))
-            inserted = int(status.rsplit(" ", 1)[1])
-            await conn.execute(UPSERT_NODES, *_node_columns(accepted))
+            keys = await conn.fetch(INSERT_MESSAGES, *_message_columns(accepted))
+            inserted = len(keys)
+            fresh = _fresh(accepted, {(r["node_id"], r["boot"], r["seq"]) for r in keys})
+            if fresh:
+                # a redelivered or repeated message is not a new one: nodes count messages
+                await conn.execute(UPSERT_NODES, *_node_columns(fresh))
         if failed:
             await conn.execute(UPSERT_FAILED, *_failed_columns(failed))
     return BatchResult(inserted, len(accepted) - inserted, len(failed))
@@ -111,6 +115,22 @@ def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
         ):
             col.append(value)
     return cols
+
+
+def _fresh(
+    rows: Sequence[Accepted], inserted: set[tuple[str, int | None, int | None]]
+) -> list[Accepted]:
+    """The rows the insert really added: every unkeyed one, and the first of each new key."""
+    pending = set(inserted)
+    out = []
+    for row in rows:
+        m = row.message
+        if m.boot is None or m.seq is None:
+            out.append(row)
+        elif (m.node_id, m.boot, m.seq) in pending:
+            pending.discard((m.node_id, m.boot, m.seq))
+            out.append(row)
+    return out
 
 
 def _node_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
