@@ -1,0 +1,311 @@
+"""Commands end to end: API → outbox → device_commands_enhanced → MQTT → a real node →
+acks → PostgreSQL, through the real broker and database. Timeouts are injected short."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from rnr_gateway.errors import (
+    CommandConflict,
+    CommandNotFound,
+    CommandTooLarge,
+    InvalidCommand,
+    NodeNotFound,
+)
+from rnr_gateway.gateway import Gateway
+from rnr_gateway.settings import Settings
+from tests.conftest import eventually, mqtt_client, running
+from tests.e2e.command_node import TestNode, fast, settled, statuses
+
+
+@pytest.fixture
+def cmd_settings(settings: Settings) -> Settings:
+    return fast(settings)
+
+
+@pytest.fixture
+async def gw(cmd_settings: Settings) -> AsyncIterator[Gateway]:
+    async with running(Gateway(cmd_settings)) as gateway:
+        yield gateway
+
+
+async def test_command_executed_every_transition_recorded_and_pushed(
+    gw: Gateway, cmd_settings: Settings
+) -> None:
+    pushed: list[dict[str, Any]] = []
+    gw.commands.add_listener(pushed.append)
+    node = TestNode(cmd_settings, "NODE-OK")
+    async with node.connected(gw):
+        body = {"action": "RELAY_CONTROL", "relay": 3, "state": True, "note": "kept"}
+        record = await gw.commands.submit("NODE-OK", body, priority=7)
+        assert record.status == "queued" and record.params == body
+        done = await settled(gw, record.message_id)
+
+    assert done.status == "executed"
+    assert statuses(done) == ["queued", "sent", "received", "executed"]
+    assert done.reason == "test node: executed"
+    assert done.sent_at and done.received_at and done.finished_at
+    assert done.attempts == 1 and done.priority == 7
+    [got] = node.log.received
+    assert {k: got[k] for k in body} == body  # flat params exactly as given
+    assert got["message_id"] == record.message_id and got["priority"] == 7
+    assert got["expires_at"] >= got["cmd_timestamp"] + 299
+    mine = [e for e in pushed if e["message_id"] == record.message_id]
+    assert [e["status"] for e in mine] == statuses(done)
+    assert {e["type"] for e in mine} == {"command_status"}
+    assert all(e["node_id"] == "NODE-OK" and e["timestamp"] for e in mine)
+    stats = gw.commands.stats()
+    assert stats["commands_sent"] >= 1 and stats["connected"] is True
+    assert gw.metrics.value("rnr_command_transitions_total", {"status": "executed"}) == 1
+
+
+@pytest.mark.parametrize("outcome", ["failed", "rejected"])
+async def test_failure_and_rejection_from_the_node(
+    gw: Gateway, cmd_settings: Settings, outcome: str
+) -> None:
+    node = TestNode(cmd_settings, "NODE-NO", outcome=outcome)
+    async with node.connected(gw):
+        record = await gw.commands.submit(
+            "NODE-NO", {"action": "FIRMWARE_UPDATE", "url": "http://x/f.bin"}
+        )
+        done = await settled(gw, record.message_id)
+    assert done.status == outcome
+    assert done.reason == f"test node: {outcome}"
+    assert statuses(done)[-1] == outcome and done.finished_at is not None
+
+
+async def test_backlog_for_offline_node_goes_out_by_priority_one_at_a_time(
+    gw: Gateway, cmd_settings: Settings
+) -> None:
+    node = TestNode(cmd_settings, "NODE-BACK")
+    async with node.connected(gw):
+        pass  # known to the gateway, then gone (offline status)
+    await eventually(lambda: gw.presence.is_online("NODE-BACK"), lambda online: not online)
+
+    ids = {}
+    for priority, label in [(1, "low"), (5, "mid-a"), (9, "high"), (5, "mid-b"), (3, "lower")]:
+        rec = await gw.commands.submit(
+            "NODE-BACK", {"action": "PING", "label": label}, priority=priority
+        )
+        ids[rec.message_id] = label
+    await asyncio.sleep(0.5)  # the dispatcher had every chance to send to an offline node
+    for mid in ids:
+        assert (await gw.commands.get(mid)).status == "queued"
+
+    async with node.connected(gw):
+        for mid in ids:
+            await settled(gw, mid)
+    assert [c["label"] for c in node.log.received] == ["high", "mid-a", "mid-b", "lower", "low"]
+    assert node.log.max_outstanding == 1
+    assert all(n == 1 for n in node.log.executed.values()) and len(node.log.executed) == 5
+
+
+async def test_one_in_flight_per_node_and_other_nodes_do_not_wait(
+    gw: Gateway, cmd_settings: Settings
+) -> None:
+    slow = TestNode(cmd_settings, "NODE-SLOW")
+    other = TestNode(cmd_settings, "NODE-OTHER")
+    slow.hold.clear()  # it receives but does not ack until released
+    async with slow.connected(gw), other.connected(gw):
+        first = await gw.commands.submit("NODE-SLOW", {"action": "PING", "n": 1})
+        second = await gw.commands.submit("NODE-SLOW", {"action": "PING", "n": 2})
+        await eventually(lambda: len(slow.log.received), lambda n: n >= 1)
+        elsewhere = await gw.commands.submit("NODE-OTHER", {"action": "PING"})
+        assert (await settled(gw, elsewhere.message_id)).status == "executed"
+        await asyncio.sleep(0.5)  # well under the 1.5 s ack timeout
+        assert slow.log.ids == [first.message_id]
+        assert (await gw.commands.get(second.message_id)).status == "queued"
+        slow.hold.set()
+        assert (await settled(gw, second.message_id)).status == "executed"
+    assert slow.log.ids == [first.message_id, second.message_id]
+    assert slow.log.max_outstanding == 1
+
+
+async def test_expired_while_offline_is_never_delivered(
+    gw: Gateway, cmd_settings: Settings
+) -> None:
+    node = TestNode(cmd_settings, "NODE-EXP")
+    async with node.connected(gw):
+        pass
+    await eventually(lambda: gw.presence.is_online("NODE-EXP"), lambda online: not online)
+    record = await gw.commands.submit("NODE-EXP", {"action": "REBOOT"}, ttl_s=0.5)
+    keep = await gw.commands.submit("NODE-EXP", {"action": "PING"}, ttl_s=60)
+    done = await settled(gw, record.message_id, within=5)
+    assert done.status == "expired" and done.sent_at is None and done.attempts == 0
+    assert done.reason == "not delivered before expires_at"
+    assert statuses(done) == ["queued", "expired"]
+    async with node.connected(gw):
+        await settled(gw, keep.message_id)
+    assert node.log.ids == [keep.message_id]
+
+
+async def test_retained_copy_is_cleared_after_the_ack(
+    gw: Gateway, cmd_settings: Settings, db: asyncpg.Connection
+) -> None:
+    node = TestNode(cmd_settings, "NODE-RET")
+    node.hold.clear()
+    async with node.connected(gw):
+        record = await gw.commands.submit(
+            "NODE-RET", {"action": "LIGHT_CONTROL", "state": True}, retain=True
+        )
+        await eventually(lambda: node.log.ids, lambda ids: ids == [record.message_id])
+        retained = await retained_on(cmd_settings, "NODE-RET")
+        assert retained is not None and orjson.loads(retained)["message_id"] == record.message_id
+        node.hold.set()
+        assert (await settled(gw, record.message_id)).status == "executed"
+        await eventually(
+            lambda: db.fetchval(
+                "SELECT retain_cleared_at FROM commands WHERE message_id = $1", record.message_id
+            ),
+            lambda at: at is not None,
+        )
+    assert await retained_on(cmd_settings, "NODE-RET") is None
+
+
+async def retained_on(settings: Settings, node_id: str) -> bytes | None:
+    """What a node reconnecting with a clean session finds on commands/last (None: nothing,
+    not even an empty message)."""
+    async with mqtt_client(settings, f"late-{node_id}") as client:
+        await client.subscribe(f"devices/{node_id}/commands/last", qos=1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for message in client.messages:
+                    assert message.retain
+                    payload = message.payload
+                    assert isinstance(payload, bytes)
+                    return payload
+    return None
+
+
+async def test_legacy_node_ends_at_sent_and_a_status_event_infers_executed(
+    gw: Gateway, cmd_settings: Settings
+) -> None:
+    node = TestNode(cmd_settings, "AABBCCDDEE01", acks=False)
+    async with node.connected(gw):
+        fan = await gw.commands.submit("AABBCCDDEE01", {"action": "FAN_CONTROL", "state": False})
+        relay = await gw.commands.submit(
+            "AABBCCDDEE01", {"action": "RELAY_CONTROL", "relay": 3, "state": True}
+        )
+        # no ack: the second goes once the ack timeout frees the node's slot
+        await eventually(lambda: node.log.ids, lambda ids: relay.message_id in ids, within=5)
+        await node.send(
+            "data",
+            {
+                "timestamp": "unknown",
+                "status": "relay3_on",
+                "free_heap": 198000,
+                "wifi_rssi": -52,
+                "signal_strength": 69,
+            },
+        )
+        done = await settled(gw, relay.message_id, frozenset(("executed",)))
+    assert done.reason == "inferred" and statuses(done) == ["queued", "sent", "executed"]
+    assert (await gw.commands.get(fan.message_id)).status == "sent"
+
+
+async def test_unknown_late_and_malformed_acks_are_recorded_and_harmless(
+    gw: Gateway, cmd_settings: Settings, db: asyncpg.Connection
+) -> None:
+    node = TestNode(cmd_settings, "NODE-ACKS")
+    async with node.connected(gw):
+        await node.send("ack", {"message_id": "no-such-command", "status": "executed"})
+        await node.send("ack", b"{not json")
+        record = await gw.commands.submit("NODE-ACKS", {"action": "PING"})
+        await settled(gw, record.message_id)
+        await node.send("ack", {"message_id": record.message_id, "status": "executed"})
+        unmatched = await eventually(
+            lambda: db.fetch("SELECT message_id, reason FROM command_acks_unmatched ORDER BY id"),
+            lambda rows: len(rows) >= 2,
+        )
+    assert [(r["message_id"], r["reason"]) for r in unmatched] == [
+        ("no-such-command", "unknown_command"),
+        (record.message_id, "already_executed"),
+    ]
+    failed = await db.fetch("SELECT routing_key, reason FROM failed_messages")
+    assert [(r["routing_key"], r["reason"]) for r in failed] == [
+        ("devices.NODE-ACKS.ack", "bad_json")
+    ]
+    assert (await gw.commands.get(record.message_id)).status == "executed"
+
+
+async def test_cancel_and_api_errors(gw: Gateway, cmd_settings: Settings) -> None:
+    node = TestNode(cmd_settings, "NODE-API")
+    async with node.connected(gw):
+        pass
+    await eventually(lambda: gw.presence.is_online("NODE-API"), lambda online: not online)
+    record = await gw.commands.submit("NODE-API", {"action": "PING"})
+    cancelled = await gw.commands.cancel(record.message_id)
+    assert cancelled.status == "cancelled" and statuses(cancelled) == ["queued", "cancelled"]
+    with pytest.raises(CommandConflict) as conflict:
+        await gw.commands.cancel(record.message_id)
+    assert conflict.value.status == "cancelled"
+    with pytest.raises(CommandNotFound):
+        await gw.commands.get("nope")
+    with pytest.raises(NodeNotFound) as missing:
+        await gw.commands.submit("NOBODY", {"action": "PING"})
+    assert missing.value.node_ids == ["NOBODY"]
+    with pytest.raises(InvalidCommand) as bad:
+        await gw.commands.submit("NODE-API", {"action": "RELAY_CONTROL", "relay": 9, "state": True})
+    assert bad.value.field == "relay"
+    with pytest.raises(CommandTooLarge):
+        await gw.commands.submit("NODE-API", {"action": "PING", "blob": "x" * 11_000})
+    same = {"action": "PING", "message_id": "client-key-1"}
+    first = await gw.commands.submit("NODE-API", same)
+    assert (await gw.commands.submit("NODE-API", same)).message_id == first.message_id
+    with pytest.raises(CommandConflict):
+        await gw.commands.submit("NODE-API", {**same, "extra": 1})
+    async with node.connected(gw):
+        await settled(gw, "client-key-1")
+    assert node.log.ids == ["client-key-1"]  # the cancelled one never went out
+    assert [r.message_id for r in await gw.commands.for_node("NODE-API", 10)] == [
+        "client-key-1",
+        record.message_id,
+    ]
+
+
+async def test_broadcast_to_50_nodes_tracks_each(gw: Gateway, cmd_settings: Settings) -> None:
+    nodes = [TestNode(cmd_settings, f"FLEET-{i:02d}") for i in range(50)]
+    async with contextlib.AsyncExitStack() as stack:
+        await asyncio.gather(*(stack.enter_async_context(n.connected()) for n in nodes))
+        await eventually(
+            lambda: sum(gw.presence.is_online(n.node_id) for n in nodes), lambda k: k == 50
+        )
+        group, records = await gw.commands.broadcast(None, {"action": "STATUS_REQUEST"})
+        assert sorted(r.node_id for r in records) == sorted(n.node_id for n in nodes)
+        assert {r.broadcast_id for r in records} == {group}
+        done = await asyncio.gather(*(settled(gw, r.message_id, within=20) for r in records))
+    assert {d.status for d in done} == {"executed"}
+    for node, record in zip(nodes, sorted(records, key=lambda r: r.node_id), strict=True):
+        assert node.log.ids == [record.message_id]
+
+
+async def test_mqtt_unavailable_at_first_connect_is_a_clear_error(cmd_settings: Settings) -> None:
+    with socket_closed() as port:
+        broken = replace(
+            cmd_settings,
+            mqtt=replace(cmd_settings.mqtt, port=port, max_retries=1, retry_delay_s=0.05),
+        )
+        gateway = Gateway(broken)
+        with pytest.raises(BaseExceptionGroup) as raised:
+            await asyncio.wait_for(gateway.run(), 20)
+    text = str(raised.value.exceptions)
+    assert "mqtt" in text and "after 2 attempts" in text
+
+
+@contextlib.contextmanager
+def socket_closed() -> Any:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    yield port
