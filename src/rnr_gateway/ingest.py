@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from . import store, topology
 from .codec import decode
-from .db import Database
+from .db import TRANSIENT, Database
 from .errors import BadMessage, DependencyUnavailable
 from .metrics import Metrics
 from .settings import IngestSettings
@@ -164,7 +164,7 @@ class Ingest:
         try:
             return await store.write_batch(conn, accepted, failed)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError):
+            if isinstance(exc, TRANSIENT):  # e.g. a shutdown: the database, not the data
                 raise
             # data the database refuses: find the culprits one by one, keep the rest
             log.warning(
@@ -182,7 +182,7 @@ class Ingest:
             try:
                 one = await store.write_batch(conn, [row], [])
             except asyncpg.PostgresError as exc:
-                if isinstance(exc, asyncpg.PostgresConnectionError):
+                if isinstance(exc, TRANSIENT):
                     raise
                 accepted.remove(row)
                 failed.append(_refused(row, exc))
