@@ -15,6 +15,8 @@ MAX_PAYLOAD_BYTES = 65_536
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 BARE_STATUS = {b"offline": "offline", b"online": "online"}
+# payloads are flat; the JSON encoder that stores them gives up at 254 levels
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +80,44 @@ def classify(data: dict[str, Any]) -> Kind:
 
 
 def _load_object(body: bytes) -> dict[str, Any]:
-    if b"\\u0000" in body:
-        # valid JSON, but PostgreSQL's jsonb cannot hold NUL characters
-        raise BadMessage("bad_json", "payload contains a \\u0000 character")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadMessage("bad_json", f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadMessage("wrong_type", f"payload is a JSON {type(data).__name__}, not an object")
+    # each scan runs only when the raw bytes make it possible at all
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(data):
+        raise BadMessage("wrong_type", f"payload is nested deeper than {MAX_DEPTH} levels")
+    # valid JSON, but PostgreSQL's jsonb cannot hold NUL characters (an escaped backslash
+    # before "u0000" is not one)
+    if b"\\u0000" in body and _has_nul(data):
+        raise BadMessage("bad_json", "payload contains a \\u0000 character")
     return data
+
+
+def _too_deep(data: dict[str, Any]) -> bool:
+    level: list[Any] = [data]
+    for _ in range(MAX_DEPTH):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _integer(data: dict[str, Any], key: str, high: int) -> int | None:

@@ -22,7 +22,7 @@ import pytest
 from rnr_gateway import topology
 from rnr_gateway.settings import Settings
 from rnr_gateway.simulate import FleetConfig, FleetReport, run_fleet
-from tests.conftest import BrokerAdmin, env_for, eventually
+from tests.conftest import BrokerAdmin, env_for, eventually, mqtt_client
 
 pytestmark = pytest.mark.slow
 
@@ -507,3 +507,28 @@ def test_unreachable_dependency_at_start_exits_69_with_a_clear_message(
     for url in (settings.db.url.value, settings.amqp.url.value):
         password = urlsplit(url).password
         assert not password or password not in err + out
+
+
+# -- a poison message does not take the process down ---------------------------------------
+async def test_a_payload_too_deep_to_store_is_recorded_and_the_process_keeps_running(
+    settings: Settings,
+    db: asyncpg.Connection,
+    broker: Broker,
+    gateway_process: GatewayProcess,
+) -> None:
+    # valid JSON that the JSON parser accepts (< 1024 levels) but cannot encode again (>= 254)
+    deep = b'{"temperature": 1, "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    await start_and_wait(gateway_process, broker, env_for(settings))
+    async with mqtt_client(settings, "poison-node") as client:
+        await client.publish("devices/POISON-1/data", deep, qos=1)
+        await client.publish("devices/POISON-1/data", b'{"temperature": 2}', qos=1)
+
+    failed = await eventually(
+        lambda: db.fetch("SELECT reason, body FROM failed_messages"),
+        lambda rows: len(rows) >= 1 or gateway_process.returncode is not None,
+        within=15,
+    )
+    assert gateway_process.returncode is None, f"the gateway died\n{gateway_process.tail()}"
+    assert [(r["reason"], bytes(r["body"])) for r in failed] == [("wrong_type", deep)]
+    await eventually(lambda: readings(db), lambda n: n == 1, within=10)
+    assert await broker.consumers() == 1
