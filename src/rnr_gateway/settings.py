@@ -34,11 +34,23 @@ class Secret:
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced, for log lines and error messages."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(malformed URL)"
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+
+
+def _valid_url(url: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is not a number in 0..65535 raises
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname) and port != 0
 
 
 @dataclass(frozen=True)
@@ -202,7 +214,7 @@ class _Reader:
         raw = self.text(name)
         if not raw:
             self.problems.append(f"{name} is not set: expected a {schemes[0]}:// URL")
-        elif urlsplit(raw).scheme not in schemes or not urlsplit(raw).hostname:
+        elif not _valid_url(raw, schemes):
             self.problems.append(
                 f"{name}={redact_url(raw)!r}: expected {' or '.join(schemes)}://user:pass@host/..."
             )
