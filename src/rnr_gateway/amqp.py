@@ -186,6 +186,8 @@ class Amqp:
             )
         self._lost.set()
         self.connected.clear()
+        for spec in self.consumers:  # gone with the channel, whatever the last check said
+            self.metrics.consumers.labels(spec.queue).set(0)
 
     async def _close(self) -> None:
         conn, self._connection = self._connection, None
