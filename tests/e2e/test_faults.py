@@ -47,7 +47,9 @@ Key = tuple[str, int, int]  # (node_id, boot, seq)
 # -- bounded commands ----------------------------------------------------------------------
 async def sh(*argv: str, within: float, detach: bool = False) -> tuple[int, str]:
     """Run a command, bounded; returns (exit code, output). ``detach`` is for daemons that
-    keep inherited pipes open (``rabbitmq-server -detached``): their output is discarded."""
+    keep inherited pipes open (``rabbitmq-server -detached``): their output is discarded.
+    Inherited descriptors are closed (the default, kept on purpose): a broker started from
+    here must not hold the suite's flock for the rest of its life."""
     pipe = subprocess.DEVNULL if detach else subprocess.PIPE
     proc = await asyncio.create_subprocess_exec(
         *argv,
