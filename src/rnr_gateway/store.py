@@ -44,12 +44,12 @@ ON CONFLICT (node_id) DO UPDATE SET
 
 UPSERT_FAILED = """
 INSERT INTO failed_messages (fingerprint, source, routing_key, headers, body, body_truncated,
-                             reason, detail)
-SELECT f, src, rk, h::jsonb, b, tr, rsn, dt
+                             reason, detail, count)
+SELECT f, src, rk, h::jsonb, b, tr, rsn, dt, c
 FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bool[],
-            $7::text[], $8::text[]) AS x(f, src, rk, h, b, tr, rsn, dt)
+            $7::text[], $8::text[], $9::int[]) AS x(f, src, rk, h, b, tr, rsn, dt, c)
 ON CONFLICT (fingerprint) DO UPDATE SET
-    count = failed_messages.count + 1,
+    count = failed_messages.count + EXCLUDED.count,
     last_seen = now(),
     reason = EXCLUDED.reason,
     detail = EXCLUDED.detail
@@ -163,14 +163,16 @@ def fingerprint(source: str, routing_key: str, body: bytes) -> bytes:
 
 
 def _failed_columns(rows: Sequence[Failed]) -> list[list[Any]]:
-    cols: list[list[Any]] = [[], [], [], [], [], [], [], []]
-    # the same message twice in one batch counts once per statement; keep the first
-    seen: set[bytes] = set()
+    cols: list[list[Any]] = [[], [], [], [], [], [], [], [], []]
+    # one statement may not touch a row twice: the same message again in this batch only
+    # adds to the count of the first (row index by fingerprint)
+    seen: dict[bytes, int] = {}
     for row in rows:
         fp = fingerprint(row.source, row.routing_key, row.body)
         if fp in seen:
+            cols[8][seen[fp]] += 1
             continue
-        seen.add(fp)
+        seen[fp] = len(seen)
         values = (
             fp,
             row.source,
@@ -180,6 +182,7 @@ def _failed_columns(rows: Sequence[Failed]) -> list[list[Any]]:
             len(row.body) > MAX_FAILED_BODY,
             row.reason,
             row.detail[:1000],
+            1,
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
