@@ -145,10 +145,11 @@ async def database(base_settings: Settings, template_db: str, unique: str) -> As
     admin = await asyncpg.connect(base_settings.db.url.value)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        yield with_path(base_settings.db.url.value, name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+    yield with_path(base_settings.db.url.value, name)
+    # a new connection: a fault test may have restarted PostgreSQL meanwhile
+    await _drop_database(base_settings, name)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..errors import PortInUse
-from . import failed, health, nodes, ws
+from . import commands, failed, health, nodes, ws
 from .errors import HttpError, error_response, handle_http_error
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def build_app(gateway: Gateway, extra_routes: list[BaseRoute] | None = None) -> 
         *health.routes,
         *nodes.routes,
         *failed.routes,
+        *commands.routes,
         *(extra_routes or []),
         *ws.routes,
     ]
