@@ -35,8 +35,9 @@ test: setup lint check-types
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
+# hold the machine's service lock: flock /tmp/rnr-test.lock make bench [BENCH_ARGS=--quick]
 bench: setup
-	$(BIN)/python -m bench.ingest --env-file $(ENV_FILE)
+	$(BIN)/python -m bench.ingest --env-file $(ENV_FILE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

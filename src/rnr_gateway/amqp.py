@@ -160,8 +160,7 @@ class Amqp:
             publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
             self._connection, self._consume_channel, self._publish_channel = conn, consume, publish
             self._exchanges = {}
-            if self._consuming:
-                await self._start_consumers(consume)
+            consumers = await self._start_consumers(conn) if self._consuming else []
         except BaseException:
             self._connection = None
             await _quietly_close(conn)
@@ -169,6 +168,8 @@ class Amqp:
         conn.close_callbacks.add(self._on_lost)
         consume.close_callbacks.add(self._on_lost)
         publish.close_callbacks.add(self._on_lost)
+        for channel in consumers:
+            channel.close_callbacks.add(self._on_lost)
         self.generation += 1
         self.connected.set()
         self.metrics.dependency_up.labels(SYSTEM).set(1)
@@ -214,13 +215,20 @@ class Amqp:
             await _quietly_close(channel)
 
     # -- consumers ---------------------------------------------------------------------
-    async def _start_consumers(self, channel: AbstractChannel) -> None:
+    async def _start_consumers(self, conn: AbstractConnection) -> list[AbstractChannel]:
+        # A channel per consumer: its delivery tags are then all that consumer's, so it
+        # may settle a whole batch with one multiple ack (ingest does).
+        channels = []
         for spec in self.consumers:
+            channel = await conn.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            channels.append(channel)
             queue = await channel.declare_queue(spec.queue, passive=True)
             callback = _adapt(spec.on_message)
             self._tags[spec.queue] = await queue.consume(callback, no_ack=False)
             self._queues[spec.queue] = queue
         await self.verify_consumers()
+        return channels
 
     async def verify_consumers(self) -> dict[str, int]:
         """Ask the broker how many consumers each of our queues has; raise if one has none."""

@@ -58,7 +58,7 @@ class AmqpSettings:
     url: Secret
     heartbeat_s: int = 600
     socket_timeout_s: float = 10.0
-    prefetch: int = 10
+    prefetch: int = 500  # per consumer; bounds the ingest batch (docs/benchmarks.md)
     reconnect_initial_s: float = 2.0
     reconnect_max_s: float = 60.0
     publish_timeout_s: float = 10.0
@@ -275,7 +275,7 @@ class _Reader:
                 url=self.url("RABBITMQ_URL", ("amqp", "amqps")),
                 heartbeat_s=self.integer("AMQP_HEARTBEAT_S", 600, 0, 3600),
                 socket_timeout_s=self.number("AMQP_SOCKET_TIMEOUT_S", 10.0, 0.5, 300),
-                prefetch=self.integer("PREFETCH_COUNT", 10, 1, 65535),
+                prefetch=self.integer("PREFETCH_COUNT", AmqpSettings.prefetch, 1, 65535),
                 reconnect_initial_s=self.number("AMQP_RECONNECT_INITIAL_S", 2.0, 0.05, 60),
                 reconnect_max_s=self.number("AMQP_RECONNECT_MAX_S", 60.0, 0.1, 3600),
                 publish_timeout_s=self.number("AMQP_PUBLISH_TIMEOUT_S", 10.0, 0.1, 300),
