@@ -17,7 +17,7 @@ from . import topology
 from .amqp import Amqp, Consumer
 from .broadcast import Hub
 from .commands import Commands
-from .db import Database, pending_migrations
+from .db import TRANSIENT, Database, pending_migrations
 from .errors import GatewayError
 from .ingest import Ingest
 from .metrics import Metrics
@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 INGEST_QUEUES = (topology.SENSOR_QUEUE, topology.STATUS_QUEUE, topology.FAILED_QUEUE)
 STATS_INTERVAL_S = 5.0
 PUSHED_KINDS = frozenset(("reading", "event"))
+SNAPSHOT = (
+    "SELECT n.node_id, n.name, n.last_seen, r.data::text AS data, r.received_at"
+    " FROM nodes n LEFT JOIN LATERAL (SELECT data, received_at FROM sensor_data s"
+    "  WHERE s.node_id = n.node_id AND s.kind = 'reading'"
+    "  ORDER BY s.received_at DESC LIMIT 1) r ON true ORDER BY n.node_id"
+)
 Extra = Callable[["Gateway"], Awaitable[None]]
 
 
@@ -226,14 +232,19 @@ class Gateway:
         }
 
     async def snapshot(self) -> dict[str, Any]:
-        """Every node with its status and latest reading, for a new WebSocket client."""
-        rows = await self.db.pool.fetch(
-            "SELECT n.node_id, n.name, n.last_seen, r.data::text AS data, r.received_at"
-            " FROM nodes n LEFT JOIN LATERAL (SELECT data, received_at FROM sensor_data s"
-            "  WHERE s.node_id = n.node_id AND s.kind = 'reading'"
-            "  ORDER BY s.received_at DESC LIMIT 1) r ON true ORDER BY n.node_id",
-            timeout=5,
-        )
+        """Every node with its status and latest reading, for a new WebSocket client.
+
+        With PostgreSQL down it still answers, from presence alone (no names, no readings).
+        """
+        try:
+            rows: Sequence[Mapping[str, Any]] = [
+                dict(r) for r in await self.db.pool.fetch(SNAPSHOT, timeout=5)
+            ]
+        except TRANSIENT:
+            rows = [
+                {"node_id": n, "name": None, "last_seen": None, "data": None, "received_at": None}
+                for n in sorted(self.presence.nodes)
+            ]
         nodes = [
             {
                 "node_id": r["node_id"],
