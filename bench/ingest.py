@@ -62,6 +62,7 @@ from .services import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "rnr_bench_"
+OURS = re.compile(PREFIX + r"[0-9a-f]{8}")  # other benchmarks share the prefix, not the form
 ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 
 
@@ -221,7 +222,7 @@ class Bench:
         """Vhosts and databases a killed earlier run left behind."""
         vhosts = (await asyncio.to_thread(self.admin.client.get, "/api/vhosts")).json()
         for v in vhosts:
-            if str(v.get("name", "")).startswith(PREFIX):
+            if OURS.fullmatch(str(v.get("name", ""))):
                 await asyncio.to_thread(self.admin.delete_vhost, v["name"])
         conn = await asyncpg.connect(self.settings.db.url.value)
         try:
@@ -231,7 +232,8 @@ class Bench:
         finally:
             await conn.close()
         for r in names:
-            await drop_database(self.settings.db.url.value, r["datname"])
+            if OURS.fullmatch(r["datname"]):
+                await drop_database(self.settings.db.url.value, r["datname"])
 
 
 class Probe:
