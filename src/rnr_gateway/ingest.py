@@ -62,6 +62,10 @@ class Ingest:
         self._idle.set()
         self._stop = asyncio.Event()
         self._acks = AckWindow()
+        # batches are taken one writer at a time, so each is a contiguous run of
+        # deliveries; they commit concurrently but are acked and announced in order
+        self._take_lock = asyncio.Lock()
+        self._previous: asyncio.Future[None] | None = None
 
     # called by the AMQP consumer for each delivery; must not block
     def submit(self, queue: str, message: AbstractIncomingMessage) -> None:
@@ -96,12 +100,17 @@ class Ingest:
         self._stop.set()
 
     async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._take()
+            async with self._take_lock:
+                batch = await self._take()
+                previous, turn = self._previous, loop.create_future()
+                self._previous = turn
             self._busy += 1
             try:
-                await self._process(batch)
+                await self._process(batch, previous)
             finally:
+                turn.set_result(None)
                 self._busy -= 1
                 self.metrics.in_client.dec(len(batch))
                 if not self._busy and not self._queue.qsize():
@@ -124,7 +133,9 @@ class Ingest:
                 break
         return batch
 
-    async def _process(self, batch: list[Delivery]) -> None:
+    async def _process(
+        self, batch: list[Delivery], previous: asyncio.Future[None] | None = None
+    ) -> None:
         # A delivery whose channel is gone will be redelivered by the broker: writing it
         # now would only make a duplicate.
         live = [d for d in batch if not d.message.channel.is_closed]
@@ -153,6 +164,8 @@ class Ingest:
         self.metrics.batch_size.observe(len(live))
         for delivery in live:
             self.metrics.ingest_latency.observe(done - delivery.received)
+        if previous is not None:
+            await previous  # the batch taken before this one is acked and announced first
         acked, lost = await self._acks.ack([d.message for d in live])
         self.metrics.acked.inc(acked)
         self.metrics.ack_lost.inc(lost)
