@@ -138,7 +138,7 @@ class Ingest:
     ) -> None:
         # A delivery whose channel is gone will be redelivered by the broker: writing it
         # now would only make a duplicate.
-        live = [d for d in batch if not d.message.channel.is_closed]
+        live = [d for d in batch if _channel(d.message) is not None]
         if not live:
             return
         now = datetime.now(UTC)

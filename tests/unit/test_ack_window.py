@@ -86,3 +86,18 @@ def test_channels_are_independent_and_closed_ones_forgotten() -> None:
     on_b = tracked(window, b, range(1, 3))
     assert acks(window.settle(on_b)) == [(2, True, 2)]  # type: ignore[arg-type]
     assert acks(window.settle(on_a)) == [(1, False, 1), (2, False, 1)]  # type: ignore[arg-type]
+
+
+def test_a_delivery_of_a_closed_channel_is_recognised_without_raising() -> None:
+    import aiormq
+
+    from rnr_gateway.ingest import _channel
+
+    class Closed:
+        delivery_tag = 1
+
+        @property
+        def channel(self) -> object:  # what aio-pika does once the channel is closed
+            raise aiormq.exceptions.ChannelInvalidStateError
+
+    assert _channel(Closed()) is None  # type: ignore[arg-type]
