@@ -9,12 +9,13 @@ import math
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import orjson
 
+from .dispatch import Pending
 from .errors import BadMessage, CommandTooLarge, InvalidCommand
 from .topics import parse_routing_key
 
@@ -57,6 +58,10 @@ class Ack:
     message_id: str
     status: AckStatus
     detail: str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def new_message_id() -> str:
@@ -212,6 +217,146 @@ def decode_ack(routing_key: str, body: bytes) -> Ack:
         raise BadMessage("bad_ack", f"status {status!r:.40} is not one of {sorted(ACK_STATUSES)}")
     detail = data.get("detail")
     return Ack(node_id, message_id, cast(AckStatus, status), str(detail)[:500] if detail else "")
+
+
+# -- records ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CommandEvent:
+    status: Status
+    reason: str
+    at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "reason": self.reason, "at": self.at.isoformat()}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    message_id: str
+    node_id: str
+    action: str
+    params: dict[str, Any]
+    priority: int
+    ttl_s: float
+    retain: bool
+    broadcast_id: str | None
+    status: Status
+    reason: str
+    created_at: datetime
+    expires_at: datetime
+    sent_at: datetime | None
+    received_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    updated_at: datetime
+    events: tuple[CommandEvent, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready (timestamps ISO 8601), for HTTP responses."""
+        out: dict[str, Any] = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif name == "events":
+                value = [e.to_json() for e in value]
+            out[name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class NewCommand:
+    message_id: str
+    node_id: str
+    action: str
+    params: dict[str, Any]
+    options: Options
+    created_at: datetime
+    expires_at: datetime
+    broadcast_id: str | None = None
+    source: str = "api"
+
+    @classmethod
+    def create(
+        cls,
+        node_id: str,
+        body: Mapping[str, Any],
+        options: Options,
+        *,
+        message_id: str | None = None,
+        broadcast_id: str | None = None,
+        source: str = "api",
+    ) -> NewCommand:
+        """A new command as of now (``body`` already validated)."""
+        created = utcnow()
+        return cls(
+            message_id or new_message_id(),
+            node_id,
+            str(body["action"]),
+            dict(body),
+            options,
+            created,
+            created + timedelta(seconds=options.ttl_s),
+            broadcast_id,
+            source,
+        )
+
+    def encode(self, limit: int | None = None) -> bytes:
+        return encode(
+            self.params,
+            self.message_id,
+            self.created_at,
+            self.expires_at,
+            self.options.priority,
+            limit,
+        )
+
+    def record(self) -> CommandRecord:
+        """The record as inserted (queued), without reading it back."""
+        o = self.options
+        return CommandRecord(
+            self.message_id,
+            self.node_id,
+            self.action,
+            self.params,
+            o.priority,
+            o.ttl_s,
+            o.retain,
+            self.broadcast_id,
+            "queued",
+            "accepted",
+            self.created_at,
+            self.expires_at,
+            None,
+            None,
+            None,
+            0,
+            self.created_at,
+        )
+
+    def pending(self, payload: bytes) -> Pending:
+        o = self.options
+        exp = self.expires_at.timestamp()
+        return Pending(self.message_id, self.node_id, o.priority, exp, payload, o.retain)
+
+
+def pending_of(r: CommandRecord) -> Pending:
+    """A queued command from the outbox, encoded again (same id, same times)."""
+    payload = encode(r.params, r.message_id, r.created_at, r.expires_at, r.priority)
+    return Pending(r.message_id, r.node_id, r.priority, r.expires_at.timestamp(), payload, r.retain)
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A committed transition: what the on_status callback and metrics get."""
+
+    message_id: str
+    node_id: str
+    status: Status
+    reason: str
+    at: datetime
+    retain: bool
+    attempts: int
 
 
 # -- legacy inference (PROTOCOL §4.2, fixtures legacy_status_events_after_commands) --------

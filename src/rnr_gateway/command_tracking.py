@@ -14,34 +14,33 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge
 
-from . import outbox, store, topology
+from . import outbox, topology
 from .command_codec import (
     TERMINAL,
     Ack,
-    Options,
+    CommandRecord,
+    Moved,
     Status,
     decode_ack,
-    encode,
     inferred_outcomes,
-    new_message_id,
-    validate,
+    utcnow,
 )
+from .command_intake import record_failed
 from .dispatch import Pending
-from .errors import BadMessage, GatewayError
+from .errors import BadMessage
 from .metrics import Metrics
 from .mqtt import PublishUnconfirmed
-from .outbox import CommandRecord, Moved, NewCommand, utcnow
-from .store import Accepted, Failed
-from .topics import valid_node_id
+from .store import Accepted
 
 if TYPE_CHECKING:
     from .commands import Commands
@@ -49,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ACK_WORKERS = 4  # acks of one node always go to the same worker: their order is kept
 ALLOWED_FROM: dict[Status, tuple[Status, ...]] = {
     "received": ("queued", "sent"),
     "executed": ("queued", "sent", "received"),
@@ -74,7 +74,9 @@ class Tracker:
     def __init__(self, commands: Commands, metrics: Metrics) -> None:
         self.c = commands
         self.settings = commands.settings
-        self._queue: asyncio.Queue[AbstractIncomingMessage | Inferred] = asyncio.Queue()
+        self._queues: list[asyncio.Queue[AbstractIncomingMessage | Inferred]] = [
+            asyncio.Queue() for _ in range(ACK_WORKERS)
+        ]
         self._received: set[str] = set()  # in flight and acked 'received'
         self._silent: set[str] = set()  # nodes whose last command got no ack at all
         self._awaiting: dict[str, dict[str, tuple[dict[str, Status], float]]] = {}
@@ -101,7 +103,10 @@ class Tracker:
 
     # -- input (called from consumers / ingest; never blocks) -----------------------------
     def submit(self, message: AbstractIncomingMessage) -> None:
-        self._queue.put_nowait(message)
+        self._queue_of(message.routing_key or "").put_nowait(message)
+
+    def _queue_of(self, routing_key: str) -> asyncio.Queue[AbstractIncomingMessage | Inferred]:
+        return self._queues[zlib.crc32(routing_key.encode()) % len(self._queues)]
 
     def on_stored(self, rows: Sequence[Accepted]) -> None:
         for row in rows:
@@ -113,29 +118,36 @@ class Tracker:
                 outcome = outcomes.get(m.status)
                 if outcome is not None:
                     del waiting[mid]
-                    self._queue.put_nowait(Inferred(m.node_id, mid, outcome, m.status))
+                    queue = self._queue_of(f"devices.{m.node_id}.ack")
+                    queue.put_nowait(Inferred(m.node_id, mid, outcome, m.status))
                     break
 
-    # -- the ack task --------------------------------------------------------------------
+    # -- the ack workers -----------------------------------------------------------------
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for i, queue in enumerate(self._queues):
+                tg.create_task(self._work(queue), name=f"commands-acks-{i}")
+
+    async def _work(self, queue: asyncio.Queue[AbstractIncomingMessage | Inferred]) -> None:
         while True:
-            item = await self._queue.get()
+            item = await queue.get()
             try:
                 if isinstance(item, Inferred):
                     await self._infer(item)
                 else:
                     await self._ack(item)
             finally:
-                self._queue.task_done()
+                queue.task_done()
 
     async def drain(self) -> None:
-        await self._queue.join()
+        for queue in self._queues:
+            await queue.join()
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
             ack = decode_ack(message.routing_key or "", message.body)
         except BadMessage as exc:
-            await self._record_failed(topology.ACK_QUEUE, message, exc)
+            await record_failed(self.c, topology.ACK_QUEUE, message, exc)
         else:
             moved = await self._retrying(lambda conn: self._apply(conn, ack))
             if moved is not None:
@@ -150,38 +162,27 @@ class Tracker:
             if ack.status == "duplicate"
             else f"node acked {ack.status}"
         )
-        async with conn.transaction():
-            moved = await outbox.move(
-                conn,
+        moved = await outbox.move(
+            conn,
+            ack.message_id,
+            target,
+            reason,
+            utcnow(),
+            allowed_from=ALLOWED_FROM[target],
+            delivered=True,
+            reopen_expired=target != "expired",
+            node_id=ack.node_id,
+        )
+        if moved is None:
+            why = await outbox.record_unmatched(conn, ack)
+            self.unmatched.labels(why).inc()
+            log.info(
+                "ack %s for %s from %s recorded as unmatched (%s)",
+                ack.status,
                 ack.message_id,
-                target,
-                reason,
-                utcnow(),
-                allowed_from=ALLOWED_FROM[target],
-                delivered=True,
-                reopen_expired=target != "expired",
-                node_id=ack.node_id,
+                ack.node_id,
+                why,
             )
-            if moved is None:
-                row = await conn.fetchrow(
-                    "SELECT node_id, status FROM commands WHERE message_id = $1", ack.message_id
-                )
-                why = (
-                    "unknown_command"
-                    if row is None
-                    else "wrong_node"
-                    if row["node_id"] != ack.node_id
-                    else f"already_{row['status']}"
-                )
-                await outbox.record_unmatched(conn, ack, why)
-                self.unmatched.labels(why).inc()
-                log.info(
-                    "ack %s for %s from %s recorded as unmatched (%s)",
-                    ack.status,
-                    ack.message_id,
-                    ack.node_id,
-                    why,
-                )
         return moved
 
     async def _infer(self, item: Inferred) -> None:
@@ -315,78 +316,6 @@ class Tracker:
     async def clear_settled_retained(self, at: datetime) -> None:
         for node, mid in await self._retrying(lambda conn: outbox.retained_settled(conn, at)):
             await self._clear_retained(node, mid)
-
-    # -- commands from other producers on device_commands_enhanced -----------------------
-    async def adopt_external(self, message: AbstractIncomingMessage) -> Pending | None:
-        """A command not routed by this process: into the outbox (once), then dispatch."""
-        try:
-            new = self._external(message)
-        except (BadMessage, GatewayError) as exc:
-            await self._record_failed(topology.COMMAND_QUEUE, message, exc)
-            return None
-
-        async def store_and_read(conn: Conn) -> tuple[bool, CommandRecord | None]:
-            fresh = bool(await outbox.insert(conn, [new], "accepted from the command queue"))
-            return fresh, await outbox.fetch(conn, new.message_id)
-
-        fresh, row = await self._retrying(store_and_read)
-        if fresh:
-            self.c.emit(
-                Moved(new.message_id, new.node_id, "queued", "accepted", new.created_at, False, 0)
-            )
-        if row is None or row.status != "queued":
-            return None
-        payload = encode(row.params, row.message_id, row.created_at, row.expires_at, row.priority)
-        return Pending(
-            row.message_id,
-            row.node_id,
-            row.priority,
-            row.expires_at.timestamp(),
-            payload,
-            row.retain,
-        )
-
-    def _external(self, message: AbstractIncomingMessage) -> NewCommand:
-        prefix, _, node_id = (message.routing_key or "").partition(".")
-        if prefix != "commands" or not valid_node_id(node_id):
-            raise BadMessage(
-                "bad_routing_key", f"{message.routing_key!r:.120} is not commands.<id>"
-            )
-        try:
-            body = orjson.loads(message.body)
-        except orjson.JSONDecodeError as exc:
-            raise BadMessage("bad_json", f"command is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadMessage("wrong_type", "a command must be a JSON object")
-        action = validate(body)
-        mid = message.message_id or body.get("message_id") or new_message_id()
-        created = utcnow()
-        expires = body.get("expires_at")
-        ttl = (
-            float(expires) - created.timestamp()
-            if isinstance(expires, int | float) and not isinstance(expires, bool)
-            else self.settings.default_ttl_s
-        )
-        priority = message.priority if message.priority is not None else 5
-        retain = bool((message.headers or {}).get("retain", False))
-        options = Options(min(max(priority, 0), 10), max(ttl, 0.001), retain)
-        expires_at = created + timedelta(seconds=options.ttl_s)
-        return NewCommand(mid, node_id, action, body, options, created, expires_at, source="amqp")
-
-    async def _record_failed(
-        self, queue: str, message: AbstractIncomingMessage, exc: GatewayError
-    ) -> None:
-        reason = exc.reason if isinstance(exc, BadMessage) else getattr(exc, "code", "invalid")
-        failed = Failed(
-            queue,
-            message.routing_key or "",
-            dict(message.headers or {}),
-            message.body,
-            reason,
-            str(exc)[:1000],
-        )
-        await self._retrying(lambda conn: store.write_batch(conn, [], [failed]))
-        log.warning("message on %s recorded as failed: %s", message.routing_key, exc)
 
     async def _retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return await self.c.retrying(work)

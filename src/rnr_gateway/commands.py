@@ -16,17 +16,20 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from . import outbox, topology
 from .amqp import Amqp, Consumer
 from .command_codec import (
+    CommandRecord,
+    Moved,
+    NewCommand,
     Options,
-    encode,
     new_message_id,
+    pending_of,
+    utcnow,
     validate,
     validate_options,
 )
+from .command_intake import Intake
 from .command_tracking import Tracker
 from .db import TRANSIENT, Database
 from .dispatch import Pending, Scheduler
@@ -34,13 +37,11 @@ from .errors import (
     CommandConflict,
     CommandNotFound,
     DependencyUnavailable,
-    GatewayError,
     InvalidCommand,
     NodeNotFound,
 )
 from .metrics import Metrics
 from .mqtt import Mqtt, PublishUnconfirmed
-from .outbox import CommandRecord, Moved, NewCommand, utcnow
 from .settings import Settings
 from .topics import command_topic, valid_node_id
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # receives {"type": "command_status", message_id, node_id, status, reason, timestamp}
 OnStatus = Callable[[dict[str, Any]], None]
-INTAKE_GRACE_S = 2.0  # an own command not back from the intake queue by then goes direct
 
 
 class PresenceChange(Protocol):
@@ -87,8 +87,7 @@ class Commands:
         self.listeners: list[OnStatus] = [on_status] if on_status else []
         self.scheduler = Scheduler(self.settings.max_in_flight)
         self.tracker = Tracker(self, metrics)
-        self._ours: dict[str, tuple[Pending, float]] = {}  # routed, not yet back from intake
-        self._intake: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.intake = Intake(self)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._draining = False
@@ -113,18 +112,21 @@ class Commands:
         CommandConflict (id reused for another command) or DependencyUnavailable.
         """
         options = self._options(priority, ttl_s, retain)
-        action = validate(body)
+        validate(body)
         if not valid_node_id(node_id):
             raise NodeNotFound([node_id[:80]])
-        new = self._new(node_id, action, body, options, body.get("message_id"), None)
-        payload = self._encode(new)
+        new = NewCommand.create(node_id, body, options, message_id=body.get("message_id"))
+        payload = new.encode(self.settings.max_bytes)
 
         async def store(conn: Conn) -> CommandRecord | None:
-            if not await outbox.existing_nodes(conn, [node_id]):
-                raise NodeNotFound([node_id])
-            if new.message_id in await outbox.insert(conn, [new], "accepted"):
+            if new.message_id in await outbox.insert(
+                conn, [new], "accepted", known_nodes_only=True
+            ):
                 return None
-            return await outbox.fetch(conn, new.message_id)
+            existing = await outbox.fetch(conn, new.message_id)
+            if existing is None:  # not inserted and not there: the node is unknown
+                raise NodeNotFound([node_id])
+            return existing
 
         existing = await self._query(store)
         if existing is not None:
@@ -134,8 +136,8 @@ class Commands:
                 new.message_id, existing.status, "this message_id is taken by another command"
             )
         self.emit(Moved(new.message_id, node_id, "queued", "accepted", new.created_at, retain, 0))
-        await self._route([self._pending(new, payload)])
-        return _record(new)
+        await self.intake.route([new.pending(payload)])
+        return new.record()
 
     async def broadcast(
         self,
@@ -148,7 +150,7 @@ class Commands:
     ) -> tuple[str, list[CommandRecord]]:
         """One command per node (every known node when ``node_ids`` is None), one group id."""
         options = self._options(priority, ttl_s, retain)
-        action = validate(body)
+        validate(body)
         if "message_id" in body:
             raise InvalidCommand("message_id", "a broadcast makes one command (and id) per node")
         wanted = None if node_ids is None else sorted(set(node_ids))
@@ -162,13 +164,13 @@ class Commands:
         if not targets:
             raise InvalidCommand("node_ids", "there are no nodes to send to")
         group = "b" + new_message_id()
-        news = [self._new(n, action, body, options, None, group) for n in targets]
-        payloads = [self._encode(n) for n in news]
+        news = [NewCommand.create(n, body, options, broadcast_id=group) for n in targets]
+        payloads = [n.encode(self.settings.max_bytes) for n in news]
         await self._query(lambda conn: outbox.insert(conn, news, "accepted"))
         for n in news:
             self.emit(Moved(n.message_id, n.node_id, "queued", "accepted", n.created_at, retain, 0))
-        await self._route([self._pending(n, p) for n, p in zip(news, payloads, strict=True)])
-        return group, [_record(n) for n in news]
+        await self.intake.route([n.pending(p) for n, p in zip(news, payloads, strict=True)])
+        return group, [n.record() for n in news]
 
     async def get(self, message_id: str) -> CommandRecord:
         """The command with its transitions (``events``); CommandNotFound if unknown."""
@@ -223,10 +225,14 @@ class Commands:
     def wake(self) -> None:
         self._wake.set()
 
+    def offer(self, pending: Pending) -> None:
+        if self.scheduler.offer(pending):
+            self._wake.set()
+
     # -- wiring --------------------------------------------------------------------------
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(topology.COMMAND_QUEUE, self._intake.put_nowait),
+            Consumer(topology.COMMAND_QUEUE, self.intake.submit),
             Consumer(topology.ACK_QUEUE, self.tracker.submit),
         ]
 
@@ -245,7 +251,7 @@ class Commands:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._dispatch_loop(), name="commands-dispatch")
-            tg.create_task(self._intake_loop(), name="commands-intake")
+            tg.create_task(self.intake.run(), name="commands-intake")
             tg.create_task(self.tracker.run(), name="commands-acks")
             tg.create_task(self._sweep_loop(), name="commands-sweep")
 
@@ -257,7 +263,7 @@ class Commands:
                 while self._sending:
                     await asyncio.wait(set(self._sending))
                 await self.tracker.drain()
-                await self._intake.join()
+                await self.intake.drain()
         except TimeoutError:
             return False
         finally:
@@ -272,69 +278,12 @@ class Commands:
         held = 0
         for r in rows:
             if r.status == "queued":
-                payload = encode(r.params, r.message_id, r.created_at, r.expires_at, r.priority)
-                self.scheduler.offer(_pending_of(r, payload))
+                self.scheduler.offer(pending_of(r))
             else:
                 held += self.tracker.restore(r, at)
         await self.tracker.load_retained()
         log.info("commands: %d queued, %d in flight restored", len(rows) - held, held)
         self._wake.set()
-
-    # -- routing (intake queue) ----------------------------------------------------------
-    async def _route(self, pending: list[Pending]) -> None:
-        """Through device_commands_enhanced (confirmed); if the broker fails, go direct."""
-        started = time.monotonic()
-        for p in pending:
-            self._ours[p.message_id] = (p, started)
-        results = await asyncio.gather(
-            *(self._publish_intake(p) for p in pending), return_exceptions=True
-        )
-        for p, result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, GatewayError):
-                    raise result
-                log.warning(
-                    "command %s not routed through %s (%s); dispatching from the outbox",
-                    p.message_id,
-                    topology.COMMAND_QUEUE,
-                    result,
-                )
-                self._adopt_ours(p.message_id)
-
-    async def _publish_intake(self, p: Pending) -> None:
-        await self.amqp.publish(
-            topology.COMMAND_EXCHANGE,
-            f"commands.{p.node_id}",
-            p.payload,
-            priority=p.priority,
-            expiration_s=max(0.001, p.expires_at - time.time()),
-            message_id=p.message_id,
-            headers={"retain": True} if p.retain else None,
-        )
-
-    def _adopt_ours(self, message_id: str) -> None:
-        entry = self._ours.pop(message_id, None)
-        if entry is not None and self.scheduler.offer(entry[0]):
-            self._wake.set()
-
-    async def _intake_loop(self) -> None:
-        while True:
-            message = await self._intake.get()
-            try:
-                await self._take_in(message)
-            finally:
-                self._intake.task_done()
-
-    async def _take_in(self, message: AbstractIncomingMessage) -> None:
-        mid = message.message_id or ""
-        if mid in self._ours:
-            self._adopt_ours(mid)
-        else:
-            pending = await self.tracker.adopt_external(message)
-            if pending is not None and self.scheduler.offer(pending):
-                self._wake.set()
-        with contextlib.suppress(Exception):  # a lost channel redelivers; offer is idempotent
-            await message.ack()
 
     # -- dispatch ------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -397,10 +346,7 @@ class Commands:
             self.scheduler.remove(moved.message_id)
             self.emit(moved)
         self.tracker.check_timeouts(time.monotonic())
-        stale = [m for m, (_, t) in self._ours.items() if time.monotonic() - t > INTAKE_GRACE_S]
-        for mid in stale:
-            log.warning("command %s not back from the intake queue; dispatching direct", mid)
-            self._adopt_ours(mid)
+        self.intake.offer_late(time.monotonic())
         await self.tracker.clear_settled_retained(at)
         if self.scheduler.has_work:
             self._wake.set()
@@ -427,48 +373,6 @@ class Commands:
             priority, self.settings.default_ttl_s if ttl_s is None else ttl_s, retain
         )
 
-    @staticmethod
-    def _new(
-        node_id: str,
-        action: str,
-        body: Mapping[str, Any],
-        options: Options,
-        message_id: str | None,
-        group: str | None,
-    ) -> NewCommand:
-        created = utcnow()
-        return NewCommand(
-            message_id or new_message_id(),
-            node_id,
-            action,
-            dict(body),
-            options,
-            created,
-            created + timedelta(seconds=options.ttl_s),
-            group,
-        )
-
-    def _encode(self, new: NewCommand) -> bytes:
-        return encode(
-            new.params,
-            new.message_id,
-            new.created_at,
-            new.expires_at,
-            new.options.priority,
-            self.settings.max_bytes,
-        )
-
-    @staticmethod
-    def _pending(new: NewCommand, payload: bytes) -> Pending:
-        return Pending(
-            new.message_id,
-            new.node_id,
-            new.options.priority,
-            new.expires_at.timestamp(),
-            payload,
-            new.options.retain,
-        )
-
     async def _query(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         """An API call's database work: one attempt, an outage is DependencyUnavailable."""
         try:
@@ -480,30 +384,3 @@ class Commands:
     async def retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         """Background database work: rides out an outage until stopped."""
         return await self.db.retrying(work, self._stop)
-
-
-def _pending_of(r: CommandRecord, payload: bytes) -> Pending:
-    return Pending(r.message_id, r.node_id, r.priority, r.expires_at.timestamp(), payload, r.retain)
-
-
-def _record(new: NewCommand) -> CommandRecord:
-    o = new.options
-    return CommandRecord(
-        new.message_id,
-        new.node_id,
-        new.action,
-        new.params,
-        o.priority,
-        o.ttl_s,
-        o.retain,
-        new.broadcast_id,
-        "queued",
-        "accepted",
-        new.created_at,
-        new.expires_at,
-        None,
-        None,
-        None,
-        0,
-        new.created_at,
-    )

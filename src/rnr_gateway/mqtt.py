@@ -37,6 +37,21 @@ RECONNECT_MAX_S = 60.0
 KEEPALIVE_S = 30
 
 
+async def _until_disconnected(client: aiomqtt.Client) -> None:
+    async for _ in client.messages:  # we subscribe to nothing: this ends on a disconnect
+        pass
+
+
+async def _collect(watcher: asyncio.Future[None]) -> None:
+    """Wait (briefly) for the closed client's disconnect to be seen, so its outcome is
+    always retrieved, even for a connection we dropped on purpose."""
+    await asyncio.wait({watcher}, timeout=1.0)
+    if not watcher.done():
+        watcher.cancel()
+    elif not watcher.cancelled():
+        watcher.exception()
+
+
 class PublishUnconfirmed(DependencyUnavailable):
     """No PUBACK: the message may or may not have reached the broker."""
 
@@ -87,11 +102,13 @@ class Mqtt:
         while not self._stop.is_set():
             self.attempts.inc()
             client = self._new_client()
+            watcher: asyncio.Future[None] | None = None
             try:
                 async with client:
                     self._up(client)
                     ever_connected, failures = True, 0
-                    await self._watch(client)
+                    watcher = asyncio.ensure_future(_until_disconnected(client))
+                    await self._watch(watcher)
             except aiomqtt.MqttError as exc:
                 failures += 1
                 if not ever_connected and failures > self.settings.max_retries:
@@ -104,6 +121,8 @@ class Mqtt:
                 self._log_failure(exc, failures, ever_connected)
             finally:
                 self._down()
+                if watcher is not None:
+                    await _collect(watcher)
             if self._stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
@@ -154,25 +173,17 @@ class Mqtt:
         self.connected.clear()
         self.metrics.dependency_up.labels(SYSTEM).set(0)
 
-    async def _watch(self, client: aiomqtt.Client) -> None:
+    async def _watch(self, watcher: asyncio.Future[None]) -> None:
         """Until the connection drops (raises MqttError), a reconnect is asked for, or stop."""
-
-        async def disconnected() -> None:
-            async for _ in client.messages:  # we subscribe to nothing: this ends on loss
-                pass
-
-        waits = {
-            asyncio.ensure_future(disconnected()),
-            asyncio.ensure_future(self._stop.wait()),
-            asyncio.ensure_future(self._kick.wait()),
-        }
+        waits = {asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._kick.wait())}
+        every: set[asyncio.Future[Any]] = {watcher, *waits}
         try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(every, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waits:
                 waiter.cancel()
-        for waiter in done:
-            waiter.result()  # a lost connection raises MqttError here
+        if watcher.done():
+            watcher.result()  # a lost connection raises MqttError here
         if self._kick.is_set() and not self._stop.is_set():
             raise aiomqtt.MqttError("connection dropped after an unconfirmed publish")
 

@@ -8,14 +8,13 @@ cancel against a dispatch) is decided by the row lock, never by timing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 import orjson
 
-from .command_codec import TERMINAL, Ack, Options, Status
+from .command_codec import TERMINAL, Ack, CommandEvent, CommandRecord, Moved, NewCommand, Status
 
 if TYPE_CHECKING:
     from .db import Conn
@@ -28,86 +27,6 @@ COLUMNS = (
 TERMINAL_LIST = sorted(TERMINAL)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class CommandEvent:
-    status: Status
-    reason: str
-    at: datetime
-
-    def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "reason": self.reason, "at": self.at.isoformat()}
-
-
-@dataclass(frozen=True, slots=True)
-class CommandRecord:
-    message_id: str
-    node_id: str
-    action: str
-    params: dict[str, Any]
-    priority: int
-    ttl_s: float
-    retain: bool
-    broadcast_id: str | None
-    status: Status
-    reason: str
-    created_at: datetime
-    expires_at: datetime
-    sent_at: datetime | None
-    received_at: datetime | None
-    finished_at: datetime | None
-    attempts: int
-    updated_at: datetime
-    events: tuple[CommandEvent, ...] = field(default=())
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record, events: tuple[CommandEvent, ...] = ()) -> CommandRecord:
-        values = dict(row.items())
-        values["params"] = orjson.loads(values["params"])
-        return cls(**values, events=events)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready (timestamps ISO 8601), for HTTP responses."""
-        out: dict[str, Any] = {}
-        for name in self.__slots__:
-            value = getattr(self, name)
-            if isinstance(value, datetime):
-                value = value.isoformat()
-            elif name == "events":
-                value = [e.to_json() for e in value]
-            out[name] = value
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class NewCommand:
-    message_id: str
-    node_id: str
-    action: str
-    params: dict[str, Any]
-    options: Options
-    created_at: datetime
-    expires_at: datetime
-    broadcast_id: str | None = None
-    source: str = "api"
-
-
-@dataclass(frozen=True, slots=True)
-class Moved:
-    """A committed transition: what the on_status callback and metrics get."""
-
-    message_id: str
-    node_id: str
-    status: Status
-    reason: str
-    at: datetime
-    retain: bool
-    attempts: int
-
-
 INSERT = """
 WITH ins AS (
     INSERT INTO commands (message_id, node_id, action, params, priority, ttl_s, retain,
@@ -117,6 +36,7 @@ WITH ins AS (
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::float8[],
                 $7::bool[], $8::text[], $9::timestamptz[], $10::timestamptz[], $12::text[])
          AS i(m, n, a, p, pr, t, r, b, c, e, s)
+    WHERE NOT $13 OR EXISTS (SELECT 1 FROM nodes WHERE nodes.node_id = i.n)
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id, status, reason, created_at
 ), ev AS (
@@ -161,8 +81,13 @@ SELECT * FROM t
 """
 
 
-async def insert(conn: Conn, commands: Sequence[NewCommand], reason: str) -> set[str]:
-    """Insert as queued (with their first event); returns the ids that were new."""
+async def insert(
+    conn: Conn, commands: Sequence[NewCommand], reason: str, *, known_nodes_only: bool = False
+) -> set[str]:
+    """Insert as queued (with their first event); returns the ids that were new.
+
+    With ``known_nodes_only`` a command for a node not in ``nodes`` is not inserted.
+    """
     cols: list[list[Any]] = [[] for _ in range(11)]
     for c in commands:
         values = (
@@ -180,7 +105,7 @@ async def insert(conn: Conn, commands: Sequence[NewCommand], reason: str) -> set
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
-    rows = await conn.fetch(INSERT, *cols[:10], reason, cols[10])
+    rows = await conn.fetch(INSERT, *cols[:10], reason, cols[10], known_nodes_only)
     return {r["message_id"] for r in rows}
 
 
@@ -229,6 +154,12 @@ async def expire_due(conn: Conn, at: datetime) -> list[Moved]:
     return [_moved(r, at) for r in await conn.fetch(EXPIRE_DUE, at)]
 
 
+def _record(row: asyncpg.Record, events: tuple[CommandEvent, ...] = ()) -> CommandRecord:
+    values = dict(row.items())
+    values["params"] = orjson.loads(values["params"])
+    return CommandRecord(**values, events=events)
+
+
 def _moved(row: asyncpg.Record, at: datetime) -> Moved:
     return Moved(
         row["message_id"],
@@ -252,14 +183,14 @@ async def fetch(conn: Conn, message_id: str, *, events: bool = False) -> Command
             message_id,
         )
         history = tuple(CommandEvent(r["status"], r["reason"], r["at"]) for r in rows)
-    return CommandRecord.from_row(row, history)
+    return _record(row, history)
 
 
 async def fetch_many(conn: Conn, message_ids: Sequence[str]) -> list[CommandRecord]:
     rows = await conn.fetch(
         f"SELECT {COLUMNS} FROM commands WHERE message_id = ANY($1::text[])", list(message_ids)
     )
-    by_id = {r["message_id"]: CommandRecord.from_row(r) for r in rows}
+    by_id = {r["message_id"]: _record(r) for r in rows}
     return [by_id[m] for m in message_ids if m in by_id]
 
 
@@ -269,7 +200,7 @@ async def for_node(conn: Conn, node_id: str, limit: int) -> list[CommandRecord]:
         node_id,
         limit,
     )
-    return [CommandRecord.from_row(r) for r in rows]
+    return [_record(r) for r in rows]
 
 
 async def open_commands(conn: Conn, in_flight_since: datetime) -> list[CommandRecord]:
@@ -280,7 +211,7 @@ async def open_commands(conn: Conn, in_flight_since: datetime) -> list[CommandRe
         " ORDER BY created_at, message_id",
         in_flight_since,
     )
-    return [CommandRecord.from_row(r) for r in rows]
+    return [_record(r) for r in rows]
 
 
 async def existing_nodes(conn: Conn, node_ids: Sequence[str] | None) -> list[str]:
@@ -295,16 +226,20 @@ async def existing_nodes(conn: Conn, node_ids: Sequence[str] | None) -> list[str
     return [r["node_id"] for r in rows]
 
 
-async def record_unmatched(conn: Conn, ack: Ack, reason: str) -> None:
-    await conn.execute(
+async def record_unmatched(conn: Conn, ack: Ack) -> str:
+    """Keep an ack that moved nothing, with why; returns the reason."""
+    reason = await conn.fetchval(
         "INSERT INTO command_acks_unmatched (node_id, message_id, status, detail, reason)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        " SELECT $1, $2, $3, $4, CASE WHEN c.message_id IS NULL THEN 'unknown_command'"
+        "  WHEN c.node_id <> $1 THEN 'wrong_node' ELSE 'already_' || c.status END"
+        " FROM (SELECT 1) AS one LEFT JOIN commands c ON c.message_id = $2"
+        " RETURNING reason",
         ack.node_id,
         ack.message_id,
         ack.status,
         ack.detail,
-        reason,
     )
+    return str(reason)
 
 
 async def retained_now(conn: Conn) -> dict[str, str]:

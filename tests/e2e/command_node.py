@@ -15,8 +15,8 @@ from typing import Any
 import aiomqtt
 import orjson
 
+from rnr_gateway.command_codec import CommandRecord
 from rnr_gateway.gateway import Gateway
-from rnr_gateway.outbox import CommandRecord
 from rnr_gateway.settings import CommandSettings, Settings
 from tests.conftest import eventually, mqtt_client
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -285,27 +284,3 @@ async def test_broadcast_to_50_nodes_tracks_each(gw: Gateway, cmd_settings: Sett
     assert {d.status for d in done} == {"executed"}
     for node, record in zip(nodes, sorted(records, key=lambda r: r.node_id), strict=True):
         assert node.log.ids == [record.message_id]
-
-
-async def test_mqtt_unavailable_at_first_connect_is_a_clear_error(cmd_settings: Settings) -> None:
-    with socket_closed() as port:
-        broken = replace(
-            cmd_settings,
-            mqtt=replace(cmd_settings.mqtt, port=port, max_retries=1, retry_delay_s=0.05),
-        )
-        gateway = Gateway(broken)
-        with pytest.raises(BaseExceptionGroup) as raised:
-            await asyncio.wait_for(gateway.run(), 20)
-    text = str(raised.value.exceptions)
-    assert "mqtt" in text and "after 2 attempts" in text
-
-
-@contextlib.contextmanager
-def socket_closed() -> Any:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    yield port

@@ -1,0 +1,177 @@
+"""The command queue (``device_commands_enhanced``) as the way in to the dispatcher.
+
+Every command passes through it: the API's (published with priority, TTL and publisher
+confirms right after the outbox insert) and any other producer's (adopted into the outbox
+once, by message id). A delivery is acked once its command is in the outbox and offered
+to the scheduler. Should the broker refuse or lose one of our own publishes, or not hand
+it back within ``INTAKE_GRACE_S``, the command goes to the scheduler directly: the outbox,
+not the broker, decides what exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from . import outbox, store, topology
+from .command_codec import (
+    CommandRecord,
+    Moved,
+    NewCommand,
+    Options,
+    pending_of,
+    validate,
+)
+from .dispatch import Pending
+from .errors import BadMessage, GatewayError
+from .store import Failed
+from .topics import valid_node_id
+
+if TYPE_CHECKING:
+    from .commands import Commands
+    from .db import Conn
+
+log = logging.getLogger(__name__)
+INTAKE_GRACE_S = 2.0
+
+
+class Intake:
+    def __init__(self, commands: Commands) -> None:
+        self.c = commands
+        self._queue: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._ours: dict[str, tuple[Pending, float]] = {}  # published, not yet delivered back
+
+    def submit(self, message: AbstractIncomingMessage) -> None:
+        """The consumer callback of the command queue; never blocks."""
+        self._queue.put_nowait(message)
+
+    async def route(self, pending: list[Pending]) -> None:
+        """Publish to the command queue (confirmed); on failure offer directly."""
+        started = time.monotonic()
+        for p in pending:
+            self._ours[p.message_id] = (p, started)
+        results = await asyncio.gather(*(self._publish(p) for p in pending), return_exceptions=True)
+        for p, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, GatewayError):
+                    raise result
+                log.warning(
+                    "command %s not routed through %s (%s); dispatching from the outbox",
+                    p.message_id,
+                    topology.COMMAND_QUEUE,
+                    result,
+                )
+                self._offer_ours(p.message_id)
+
+    async def _publish(self, p: Pending) -> None:
+        await self.c.amqp.publish(
+            topology.COMMAND_EXCHANGE,
+            f"commands.{p.node_id}",
+            p.payload,
+            priority=p.priority,
+            expiration_s=max(0.001, p.expires_at - time.time()),
+            message_id=p.message_id,
+            headers={"retain": True} if p.retain else None,
+        )
+
+    def _offer_ours(self, message_id: str) -> None:
+        entry = self._ours.pop(message_id, None)
+        if entry is not None:
+            self.c.offer(entry[0])
+
+    def offer_late(self, now: float) -> None:
+        """Own commands the queue has not handed back in time go to the scheduler directly."""
+        for mid in [m for m, (_, t) in self._ours.items() if now - t > INTAKE_GRACE_S]:
+            log.warning("command %s not back from the command queue; dispatching direct", mid)
+            self._offer_ours(mid)
+
+    async def run(self) -> None:
+        while True:
+            message = await self._queue.get()
+            try:
+                await self._take(message)
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        await self._queue.join()
+
+    async def _take(self, message: AbstractIncomingMessage) -> None:
+        mid = message.message_id or ""
+        if mid in self._ours:
+            self._offer_ours(mid)
+        else:
+            pending = await self._adopt(message)
+            if pending is not None:
+                self.c.offer(pending)
+        with contextlib.suppress(Exception):  # a lost channel redelivers; offers are idempotent
+            await message.ack()
+
+    async def _adopt(self, message: AbstractIncomingMessage) -> Pending | None:
+        """A command this process did not route: into the outbox (once), then dispatch."""
+        try:
+            new = self._parse(message)
+        except GatewayError as exc:
+            await record_failed(self.c, topology.COMMAND_QUEUE, message, exc)
+            return None
+
+        async def store_and_read(conn: Conn) -> tuple[bool, CommandRecord | None]:
+            fresh = bool(await outbox.insert(conn, [new], "accepted from the command queue"))
+            return fresh, await outbox.fetch(conn, new.message_id)
+
+        fresh, row = await self.c.retrying(store_and_read)
+        if fresh:
+            self.c.emit(
+                Moved(new.message_id, new.node_id, "queued", "accepted", new.created_at, False, 0)
+            )
+        if row is None or row.status != "queued":
+            return None  # already sent or finished (a redelivery, a replayed dead letter)
+        return pending_of(row)
+
+    def _parse(self, message: AbstractIncomingMessage) -> NewCommand:
+        prefix, _, node_id = (message.routing_key or "").partition(".")
+        if prefix != "commands" or not valid_node_id(node_id):
+            raise BadMessage(
+                "bad_routing_key", f"{message.routing_key!r:.120} is not commands.<id>"
+            )
+        try:
+            body = orjson.loads(message.body)
+        except orjson.JSONDecodeError as exc:
+            raise BadMessage("bad_json", f"command is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadMessage("wrong_type", "a command must be a JSON object")
+        validate(body)
+        expires = body.get("expires_at")
+        ttl = (
+            float(expires) - time.time()
+            if isinstance(expires, int | float) and not isinstance(expires, bool)
+            else self.c.settings.default_ttl_s
+        )
+        priority = message.priority if message.priority is not None else 5
+        retain = bool((message.headers or {}).get("retain", False))
+        options = Options(min(max(priority, 0), 10), max(ttl, 0.001), retain)
+        mid = message.message_id or body.get("message_id")
+        return NewCommand.create(node_id, body, options, message_id=mid, source="amqp")
+
+
+async def record_failed(
+    commands: Commands, queue: str, message: AbstractIncomingMessage, exc: GatewayError
+) -> None:
+    """Into failed_messages with its reason (PROTOCOL §6), then it is acked."""
+    reason = exc.reason if isinstance(exc, BadMessage) else getattr(exc, "code", "invalid")
+    failed = Failed(
+        queue,
+        message.routing_key or "",
+        dict(message.headers or {}),
+        message.body,
+        reason,
+        str(exc)[:1000],
+    )
+    await commands.retrying(lambda conn: store.write_batch(conn, [], [failed]))
+    log.warning("message on %s recorded as failed: %s", message.routing_key, exc)

@@ -1,0 +1,88 @@
+"""The gateway's MQTT command client against the real broker (MQTT plugin): first connect
+fails with a clear error, publish waits for the PUBACK, a lost connection is replaced by
+a new client, and an unconfirmed publish says so."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from rnr_gateway.errors import DependencyUnavailable
+from rnr_gateway.metrics import Metrics
+from rnr_gateway.mqtt import Mqtt, PublishUnconfirmed
+from rnr_gateway.settings import MqttSettings, Settings
+from tests.conftest import eventually, mqtt_client
+from tests.e2e.tcpproxy import TcpProxy
+
+
+@contextlib.asynccontextmanager
+async def running(mqtt: Mqtt) -> AsyncIterator[Mqtt]:
+    task = asyncio.create_task(mqtt.run())
+    try:
+        await eventually(mqtt.connected.is_set, bool, within=10)
+        yield mqtt
+    finally:
+        mqtt.request_stop()
+        await asyncio.wait_for(task, 10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_first_connect_gives_up_after_max_retries_with_a_clear_error(
+    settings: Settings,
+) -> None:
+    broken = replace(settings.mqtt, port=free_port(), max_retries=2, retry_delay_s=0.05)
+    mqtt = Mqtt(broken, Metrics())
+    with pytest.raises(DependencyUnavailable) as raised:
+        await asyncio.wait_for(mqtt.run(), 10)
+    assert raised.value.system == "mqtt"
+    assert "after 3 attempts" in str(raised.value) and "MQTT_BROKER_HOST" in str(raised.value)
+    assert mqtt.stats()["connection_attempts"] == 3 and not mqtt.connected.is_set()
+
+
+async def test_publish_returns_after_the_puback_and_the_subscriber_has_it(
+    settings: Settings,
+) -> None:
+    async with mqtt_client(settings, "listener") as listener:
+        await listener.subscribe("devices/N1/commands", qos=1)
+        async with running(Mqtt(settings.mqtt, Metrics())) as mqtt:
+            await mqtt.publish("devices/N1/commands", b'{"action":"PING"}')
+            async with asyncio.timeout(5):
+                message = await anext(aiter(listener.messages))
+            stats = mqtt.stats()
+    assert message.payload == b'{"action":"PING"}' and message.qos == 1
+    assert stats["commands_sent"] == 1 and stats["commands_failed"] == 0
+    assert stats["success_rate_percent"] == 100.0 and stats["pending_publishes"] == 0
+
+
+async def test_lost_connection_is_replaced_and_unconfirmed_publish_is_reported(
+    settings: Settings,
+) -> None:
+    async with TcpProxy(settings.mqtt.host, settings.mqtt.port) as proxy:
+        via: MqttSettings = replace(
+            settings.mqtt, host="127.0.0.1", port=proxy.listen_port, publish_timeout_s=0.5
+        )
+        metrics = Metrics()
+        async with running(Mqtt(via, metrics)) as mqtt:
+            proxy.swallow_replies = True
+            with pytest.raises(PublishUnconfirmed):
+                await mqtt.publish("devices/N2/commands", b"{}")  # no PUBACK within 0.5 s
+            proxy.swallow_replies = False
+            proxy.drop_all()
+            await eventually(lambda: proxy.connections, lambda n: n >= 2, within=10)
+            await eventually(mqtt.connected.is_set, bool, within=10)
+            await mqtt.publish("devices/N2/commands", b"{}")
+            stats = mqtt.stats()
+    assert stats["commands_sent"] == 1 and stats["commands_failed"] == 1
+    assert stats["success_rate_percent"] == 50.0 and stats["connection_attempts"] >= 2
+    assert metrics.value("rnr_reconnects_total", {"system": "mqtt"}) >= 1
