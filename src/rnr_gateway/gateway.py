@@ -99,7 +99,7 @@ class Gateway:
             async with self.db:
                 await self._check_schema()
                 await self.presence.load()
-                async with self.amqp, asyncio.TaskGroup() as tg:
+                async with self.amqp, self.mqtt, asyncio.TaskGroup() as tg:
                     tasks = [
                         tg.create_task(self.amqp.run(), name="amqp"),
                         tg.create_task(self.ingest.run(), name="ingest"),

@@ -1,10 +1,11 @@
 """The gateway's MQTT client (aiomqtt 2.x): command publishes at QoS 1, reconnect inside.
 
-One task (``run``) owns the connection: a new ``aiomqtt.Client`` per attempt (a client is
-not reusable after a failure), TCP_NODELAY (Nagle adds ~50 ms to each command round
-trip on loopback otherwise). The first connect makes ``MQTT_MAX_RETRIES`` further attempts
-``MQTT_RETRY_DELAY`` apart, then fails with a clear error; a connection lost later is
-retried for ever, the delay doubling from ``MQTT_RETRY_DELAY`` to 60 s, with jitter.
+The first connect happens on entering the context (``async with mqtt``): ``MQTT_MAX_RETRIES``
+further attempts ``MQTT_RETRY_DELAY`` apart, then one clear error, before the gateway
+starts its tasks. From then on one task (``run``) owns the connection: a new
+``aiomqtt.Client`` per attempt (a client is not reusable after a failure), TCP_NODELAY
+(Nagle adds ~50 ms to each command round trip on loopback otherwise); a lost connection
+is retried for ever, the delay doubling from ``MQTT_RETRY_DELAY`` to 60 s, with jitter.
 
 ``publish`` returns only after the broker's PUBACK. Anything else (not connected, timeout,
 connection lost while waiting) raises ``PublishUnconfirmed``: the outcome is unknown and
@@ -21,6 +22,7 @@ import random
 import secrets
 import socket
 import time
+from types import TracebackType
 from typing import Any
 
 import aiomqtt
@@ -40,6 +42,12 @@ KEEPALIVE_S = 30
 async def _until_disconnected(client: aiomqtt.Client) -> None:
     async for _ in client.messages:  # we subscribe to nothing: this ends on a disconnect
         pass
+
+
+async def _close(client: aiomqtt.Client) -> None:
+    """Disconnect (politely if the connection is still up); errors are of no interest."""
+    with contextlib.suppress(aiomqtt.MqttError):
+        await client.__aexit__(None, None, None)
 
 
 async def _collect(watcher: asyncio.Future[None]) -> None:
@@ -72,6 +80,7 @@ class Mqtt:
         self._lost = asyncio.Event()  # replaced per connection; set when it is gone
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
+        self._first: aiomqtt.Client | None = None  # connected by __aenter__, owned by run
         self.connections = 0
         r = metrics.registry
         self.attempts = Counter(
@@ -89,6 +98,34 @@ class Mqtt:
         )
 
     # -- connection ----------------------------------------------------------------------
+    async def __aenter__(self) -> Mqtt:
+        """The first connect: 1 + ``MQTT_MAX_RETRIES`` attempts, then one clear error."""
+        failures = 0
+        while True:
+            try:
+                self._first = await self._open()
+                return self
+            except aiomqtt.MqttError as exc:
+                failures += 1
+                if failures > self.settings.max_retries:
+                    raise DependencyUnavailable(
+                        SYSTEM,
+                        self.target,
+                        f"{exc} (after {failures} attempts; check MQTT_BROKER_HOST/PORT,"
+                        " MQTT_USERNAME and the broker's MQTT plugin)",
+                    ) from None
+                self._log_failure(exc, failures)
+                await asyncio.sleep(self.settings.retry_delay_s)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        first, self._first = self._first, None
+        if first is not None:  # run() never took it over
+            self._down()
+            await _close(first)
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -97,36 +134,44 @@ class Mqtt:
         self._kick.set()
 
     async def run(self) -> None:
+        """Own the connection until stopped: watch it, replace it when lost (with backoff)."""
+        client, self._first = self._first, None
         failures = 0
-        ever_connected = False
         while not self._stop.is_set():
-            self.attempts.inc()
-            client = self._new_client()
-            watcher: asyncio.Future[None] | None = None
+            if client is None:
+                try:
+                    client = await self._open()
+                except aiomqtt.MqttError as exc:
+                    failures += 1
+                    self._log_failure(exc, failures)
+                    await self._pause(failures)
+                    continue
+            watcher = asyncio.ensure_future(_until_disconnected(client))
             try:
-                async with client:
-                    self._up(client)
-                    ever_connected, failures = True, 0
-                    watcher = asyncio.ensure_future(_until_disconnected(client))
-                    await self._watch(watcher)
+                await self._watch(watcher)
+                failures = 0
             except aiomqtt.MqttError as exc:
-                failures += 1
-                if not ever_connected and failures > self.settings.max_retries:
-                    raise DependencyUnavailable(
-                        SYSTEM,
-                        self.target,
-                        f"{exc} (after {failures} attempts; check MQTT_BROKER_HOST/PORT,"
-                        " MQTT_USERNAME and the broker's MQTT plugin)",
-                    ) from None
-                self._log_failure(exc, failures, ever_connected)
+                failures = 1
+                self._log_failure(exc, failures)
             finally:
                 self._down()
-                if watcher is not None:
-                    await _collect(watcher)
-            if self._stop.is_set():
-                return
+                await _close(client)
+                client = None
+                await _collect(watcher)
+            await self._pause(failures)
+
+    async def _open(self) -> aiomqtt.Client:
+        self.attempts.inc()
+        client = self._new_client()
+        await client.__aenter__()  # closed by _close, from the task that owns it
+        self._up(client)
+        return client
+
+    async def _pause(self, failures: int) -> None:
+        if failures and not self._stop.is_set():
+            delay = min(self.settings.retry_delay_s * 2 ** (failures - 1), RECONNECT_MAX_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._delay(failures, ever_connected))
+                await asyncio.wait_for(self._stop.wait(), delay * random.uniform(0.8, 1.2))
 
     def _new_client(self) -> aiomqtt.Client:
         password = self.settings.password.value if self.settings.password else None
@@ -141,14 +186,7 @@ class Mqtt:
             socket_options=NODELAY,
         )
 
-    def _delay(self, failures: int, ever_connected: bool) -> float:
-        base = self.settings.retry_delay_s
-        if not ever_connected:
-            return base
-        delay: float = min(base * 2 ** max(0, failures - 1), RECONNECT_MAX_S)
-        return delay * random.uniform(0.8, 1.2)
-
-    def _log_failure(self, exc: BaseException, failures: int, ever_connected: bool) -> None:
+    def _log_failure(self, exc: BaseException, failures: int) -> None:
         if failures == 1:
             log.warning("MQTT connection to %s failed or lost: %s; retrying", self.target, exc)
         else:
@@ -166,7 +204,7 @@ class Mqtt:
         log.info("MQTT connected to %s as %s", self.target, self.client_id)
 
     def _down(self) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._stop.is_set():
             self.metrics.outages.labels(SYSTEM).inc()
         self._client = None
         self._lost.set()

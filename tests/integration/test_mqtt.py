@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -16,19 +17,21 @@ from rnr_gateway.errors import DependencyUnavailable
 from rnr_gateway.metrics import Metrics
 from rnr_gateway.mqtt import Mqtt, PublishUnconfirmed
 from rnr_gateway.settings import MqttSettings, Settings
-from tests.conftest import eventually, mqtt_client
+from tests.conftest import env_for, eventually, mqtt_client
 from tests.e2e.tcpproxy import TcpProxy
 
 
 @contextlib.asynccontextmanager
 async def running(mqtt: Mqtt) -> AsyncIterator[Mqtt]:
-    task = asyncio.create_task(mqtt.run())
-    try:
-        await eventually(mqtt.connected.is_set, bool, within=10)
-        yield mqtt
-    finally:
-        mqtt.request_stop()
-        await asyncio.wait_for(task, 10)
+    """As the gateway does: connect on entering, then ``run`` owns the connection."""
+    async with mqtt:
+        assert mqtt.connected.is_set()
+        task = asyncio.create_task(mqtt.run())
+        try:
+            yield mqtt
+        finally:
+            mqtt.request_stop()
+            await asyncio.wait_for(task, 10)
 
 
 def free_port() -> int:
@@ -44,7 +47,8 @@ async def test_first_connect_gives_up_after_max_retries_with_a_clear_error(
     broken = replace(settings.mqtt, port=free_port(), max_retries=2, retry_delay_s=0.05)
     mqtt = Mqtt(broken, Metrics())
     with pytest.raises(DependencyUnavailable) as raised:
-        await asyncio.wait_for(mqtt.run(), 10)
+        async with asyncio.timeout(10), mqtt:
+            pass
     assert raised.value.system == "mqtt"
     assert "after 3 attempts" in str(raised.value) and "MQTT_BROKER_HOST" in str(raised.value)
     assert mqtt.stats()["connection_attempts"] == 3 and not mqtt.connected.is_set()
@@ -86,3 +90,23 @@ async def test_lost_connection_is_replaced_and_unconfirmed_publish_is_reported(
     assert stats["commands_sent"] == 1 and stats["commands_failed"] == 1
     assert stats["success_rate_percent"] == 50.0 and stats["connection_attempts"] >= 2
     assert metrics.value("rnr_reconnects_total", {"system": "mqtt"}) >= 1
+
+
+async def test_gateway_process_exits_69_when_mqtt_never_answers(settings: Settings) -> None:
+    env = env_for(settings)
+    env.update(MQTT_BROKER_PORT=str(free_port()), MQTT_MAX_RETRIES="1", MQTT_RETRY_DELAY="0.05")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rnr_gateway",
+        "run",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = output.decode()
+    assert proc.returncode == 69, text
+    assert "mqtt at 127.0.0.1:" in text and "after 2 attempts" in text
+    assert "Traceback" not in text
