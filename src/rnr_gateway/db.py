@@ -38,6 +38,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # a connection left mid-operation by an outage ("another operation is in progress");
+    # the pool terminates it on release and the retry gets a fresh one
+    asyncpg.InternalClientError,
 )
 CONNECT_FAILURE: tuple[type[BaseException], ...] = (*TRANSIENT, asyncpg.PostgresError)
 
@@ -64,10 +67,13 @@ class Database:
         try:
             self._pool = await asyncpg.create_pool(
                 self.settings.url.value,
-                min_size=1,
+                # no floor: asyncpg would otherwise reconnect in the background during an
+                # outage and log a traceback each time; ours logs the outage once
+                min_size=0,
                 max_size=self.settings.pool_size,
                 command_timeout=self.settings.command_timeout_s,
                 timeout=self.settings.command_timeout_s,
+                reset=_keep_session,
             )
         except CONNECT_FAILURE as exc:
             raise DependencyUnavailable(SYSTEM, self.settings.display, _describe(exc)) from None
@@ -131,6 +137,12 @@ class Database:
             self.metrics.dependency_up.labels(SYSTEM).set(1)
             self.metrics.reconnects.labels(SYSTEM).inc()
             log.warning("PostgreSQL available again after %.1f s; ingest resumed", outage)
+
+
+async def _keep_session(conn: Conn) -> None:
+    """Pool release hook: the gateway keeps no session state (no LISTEN, no session
+    settings; the migration lock is released explicitly), so the default reset's extra
+    round trip per release is skipped."""
 
 
 def _describe(exc: BaseException) -> str:
