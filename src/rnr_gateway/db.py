@@ -75,7 +75,12 @@ class Database:
                 timeout=self.settings.command_timeout_s,
                 reset=_keep_session,
             )
+            # the pool has no floor, so prove the database answers now: fail fast at start
+            await self._pool.fetchval("SELECT 1")
         except CONNECT_FAILURE as exc:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
             raise DependencyUnavailable(SYSTEM, self.settings.display, _describe(exc)) from None
         self.metrics.dependency_up.labels(SYSTEM).set(1)
         log.info("connected to PostgreSQL at %s", self.settings.display)
