@@ -171,7 +171,7 @@ class Ingest:
         self.metrics.ack_lost.inc(lost)
         self._count(accepted, failed, result)
         for callback in self.on_stored:
-            callback(accepted)
+            callback(result.stored)  # a duplicate is news to nobody
 
     async def _write(
         self, conn: Conn, accepted: list[Accepted], failed: list[Failed]
@@ -193,6 +193,7 @@ class Ingest:
         self, conn: Conn, accepted: list[Accepted], failed: list[Failed]
     ) -> store.BatchResult:
         inserted = duplicates = 0
+        stored: list[Accepted] = []
         for row in list(accepted):
             try:
                 one = await store.write_batch(conn, [row], [])
@@ -204,8 +205,9 @@ class Ingest:
             else:
                 inserted += one.inserted
                 duplicates += one.duplicates
+                stored.extend(one.stored)
         await store.write_batch(conn, [], failed)
-        return store.BatchResult(inserted, duplicates, len(failed))
+        return store.BatchResult(inserted, duplicates, len(failed), stored)
 
     def _count(
         self, accepted: list[Accepted], failed: list[Failed], result: store.BatchResult

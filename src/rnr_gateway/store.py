@@ -77,6 +77,7 @@ class BatchResult:
     inserted: int
     duplicates: int
     failed: int
+    stored: Sequence[Accepted] = ()  # the messages that are new (not duplicates)
 
 
 async def write_batch(
@@ -84,6 +85,7 @@ async def write_batch(
 ) -> BatchResult:
     async with conn.transaction():
         inserted = 0
+        fresh: list[Accepted] = []
         if accepted:
             keys = await conn.fetch(INSERT_MESSAGES, *_message_columns(accepted))
             inserted = len(keys)
@@ -93,7 +95,7 @@ async def write_batch(
                 await conn.execute(UPSERT_NODES, *_node_columns(fresh))
         if failed:
             await conn.execute(UPSERT_FAILED, *_failed_columns(failed))
-    return BatchResult(inserted, len(accepted) - inserted, len(failed))
+    return BatchResult(inserted, len(accepted) - inserted, len(failed), fresh)
 
 
 def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:

@@ -31,6 +31,11 @@ async def test_redelivered_and_repeated_messages_are_stored_and_counted_once(
     second = await store.write_batch(db, again, [])
     assert (first.inserted, first.duplicates) == (2, 0)
     assert (second.inserted, second.duplicates) == (2, 2)
+    # only what is new goes on to presence, commands and WebSocket clients
+    assert [(r.message.node_id, r.message.seq) for r in second.stored] == [
+        ("N1", 3),
+        ("LEGACY1", None),
+    ]
     seqs = await db.fetch("SELECT seq FROM sensor_data WHERE node_id = 'N1' ORDER BY seq")
     assert [r["seq"] for r in seqs] == [1, 2, 3]
     counts = dict(await db.fetch("SELECT node_id, message_count FROM nodes"))
