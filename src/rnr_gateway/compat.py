@@ -14,4 +14,3 @@ from .mqtt import Mqtt
 EnhancedRabbitMQClient = RabbitMQClient = Amqp
 EnhancedWorkerService = WorkerService = Ingest
 EnhancedMQTTCommandPublisher = MQTTCommandPublisher = Mqtt
-
