@@ -11,7 +11,6 @@ cannot be read is recorded in ``failed_messages``. Neither stops anything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import zlib
@@ -24,7 +23,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge
 
-from . import outbox, topology
+from . import outbox, store, topology
 from .command_codec import (
     TERMINAL,
     Ack,
@@ -35,12 +34,13 @@ from .command_codec import (
     inferred_outcomes,
     utcnow,
 )
-from .command_intake import record_failed
+from .command_intake import failed_record
 from .dispatch import Pending
 from .errors import BadMessage
 from .metrics import Metrics
 from .mqtt import PublishUnconfirmed
-from .store import Accepted
+from .outbox import Step
+from .store import Accepted, Failed
 
 if TYPE_CHECKING:
     from .commands import Commands
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-ACK_WORKERS = 4  # acks of one node always go to the same worker: their order is kept
+ACK_WORKERS = 4  # a node's acks always go to the same worker: their order is kept
+BATCH_MAX = 200
 ALLOWED_FROM: dict[Status, tuple[Status, ...]] = {
     "received": ("queued", "sent"),
     "executed": ("queued", "sent", "received"),
@@ -66,6 +67,15 @@ class Inferred:
     event: str
 
 
+Item = AbstractIncomingMessage | Inferred | Pending  # Pending: a command the broker PUBACKed
+
+
+@dataclass(frozen=True, slots=True)
+class Todo:
+    step: Step
+    source: Ack | Inferred | Pending
+
+
 def last_topic(node_id: str) -> str:
     return f"devices/{node_id}/commands/last"
 
@@ -74,9 +84,7 @@ class Tracker:
     def __init__(self, commands: Commands, metrics: Metrics) -> None:
         self.c = commands
         self.settings = commands.settings
-        self._queues: list[asyncio.Queue[AbstractIncomingMessage | Inferred]] = [
-            asyncio.Queue() for _ in range(ACK_WORKERS)
-        ]
+        self._queues: list[asyncio.Queue[Item]] = [asyncio.Queue() for _ in range(ACK_WORKERS)]
         self._received: set[str] = set()  # in flight and acked 'received'
         self._silent: set[str] = set()  # nodes whose last command got no ack at all
         self._awaiting: dict[str, dict[str, tuple[dict[str, Status], float]]] = {}
@@ -105,7 +113,7 @@ class Tracker:
     def submit(self, message: AbstractIncomingMessage) -> None:
         self._queue_of(message.routing_key or "").put_nowait(message)
 
-    def _queue_of(self, routing_key: str) -> asyncio.Queue[AbstractIncomingMessage | Inferred]:
+    def _queue_of(self, routing_key: str) -> asyncio.Queue[Item]:
         return self._queues[zlib.crc32(routing_key.encode()) % len(self._queues)]
 
     def on_stored(self, rows: Sequence[Accepted]) -> None:
@@ -122,84 +130,65 @@ class Tracker:
                     queue.put_nowait(Inferred(m.node_id, mid, outcome, m.status))
                     break
 
-    # -- the ack workers -----------------------------------------------------------------
+    def published(self, cmd: Pending) -> None:
+        """The broker PUBACKed the command: 'sent' is recorded in order with its acks."""
+        self._queue_of(f"devices.{cmd.node_id}.ack").put_nowait(cmd)
+
+    # -- the workers ---------------------------------------------------------------------
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             for i, queue in enumerate(self._queues):
                 tg.create_task(self._work(queue), name=f"commands-acks-{i}")
 
-    async def _work(self, queue: asyncio.Queue[AbstractIncomingMessage | Inferred]) -> None:
+    async def _work(self, queue: asyncio.Queue[Item]) -> None:
+        """Take whatever has arrived (up to BATCH_MAX) and apply it in one transaction."""
         while True:
-            item = await queue.get()
+            batch = [await queue.get()]
+            while len(batch) < BATCH_MAX and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                if isinstance(item, Inferred):
-                    await self._infer(item)
-                else:
-                    await self._ack(item)
+                await self._process(batch)
             finally:
-                queue.task_done()
+                for _ in batch:
+                    queue.task_done()
 
     async def drain(self) -> None:
         for queue in self._queues:
             await queue.join()
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        try:
-            ack = decode_ack(message.routing_key or "", message.body)
-        except BadMessage as exc:
-            await record_failed(self.c, topology.ACK_QUEUE, message, exc)
-        else:
-            moved = await self._retrying(lambda conn: self._apply(conn, ack))
-            if moved is not None:
-                await self._after(moved)
-        with contextlib.suppress(Exception):  # channel gone: redelivered, then unmatched
-            await message.ack()
-
-    async def _apply(self, conn: Conn, ack: Ack) -> Moved | None:
-        target: Status = "executed" if ack.status == "duplicate" else ack.status
-        reason = ack.detail or (
-            "node had already executed it (duplicate)"
-            if ack.status == "duplicate"
-            else f"node acked {ack.status}"
-        )
-        moved = await outbox.move(
-            conn,
-            ack.message_id,
-            target,
-            reason,
-            utcnow(),
-            allowed_from=ALLOWED_FROM[target],
-            delivered=True,
-            reopen_expired=target != "expired",
-            node_id=ack.node_id,
-        )
-        if moved is None:
-            why = await outbox.record_unmatched(conn, ack)
+    async def _process(self, batch: list[Item]) -> None:
+        todos: list[Todo] = []
+        failed: list[Failed] = []
+        messages: list[AbstractIncomingMessage] = []
+        for item in batch:
+            if isinstance(item, Pending | Inferred):
+                todos.append(_todo(item))
+                continue
+            messages.append(item)
+            try:
+                todos.append(_todo(decode_ack(item.routing_key or "", item.body)))
+            except BadMessage as exc:
+                failed.append(failed_record(topology.ACK_QUEUE, item, exc))
+        rounds = _rounds(todos)
+        moved, unmatched = await self._retrying(lambda conn: _apply(conn, rounds, failed))
+        # only now that the transitions are committed; a lost channel redelivers (unmatched)
+        await asyncio.gather(*(message.ack() for message in messages), return_exceptions=True)
+        for record in failed:
+            log.warning("ack on %s recorded as failed: %s", record.routing_key, record.detail)
+        for ack, why in unmatched:
             self.unmatched.labels(why).inc()
             log.info(
-                "ack %s for %s from %s recorded as unmatched (%s)",
+                "ack %s for %s from %s is unmatched (%s)",
                 ack.status,
                 ack.message_id,
                 ack.node_id,
                 why,
             )
-        return moved
-
-    async def _infer(self, item: Inferred) -> None:
-        moved = await self._retrying(
-            lambda conn: outbox.move(
-                conn,
-                item.message_id,
-                item.outcome,
-                "inferred",
-                utcnow(),
-                allowed_from=("sent",),
-                node_id=item.node_id,
-            )
-        )
-        if moved is not None:
-            log.info("command %s %s, inferred from %r", item.message_id, item.outcome, item.event)
-            await self._after(moved)
+        for m, source in moved:
+            if isinstance(source, Pending):
+                self._after_sent(m, source)
+            else:
+                await self._after(m)
 
     async def _after(self, moved: Moved) -> None:
         """Effects of a committed ack: event, node's slot, retained copy, inference."""
@@ -222,22 +211,8 @@ class Tracker:
         if self.c.scheduler.settle(node, mid):
             self.c.wake()
 
-    # -- the send side -------------------------------------------------------------------
-    async def on_published(self, cmd: Pending) -> None:
-        """The broker PUBACKed the command: it is sent; now wait for the node (bounded)."""
-        moved = await self._retrying(
-            lambda conn: outbox.move(
-                conn,
-                cmd.message_id,
-                "sent",
-                "broker PUBACK",
-                utcnow(),
-                allowed_from=("queued",),
-                delivered=True,
-            )
-        )
-        if moved is None:
-            return  # an ack overtook the PUBACK: the command is past 'sent' already
+    def _after_sent(self, moved: Moved, cmd: Pending) -> None:
+        """Sent: now wait for the node (bounded), or not at all for a node without acks."""
         self.c.emit(moved)
         outcomes = inferred_outcomes(orjson.loads(cmd.payload))
         if outcomes:
@@ -319,3 +294,69 @@ class Tracker:
 
     async def _retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return await self.c.retrying(work)
+
+
+def _todo(item: Ack | Inferred | Pending) -> Todo:
+    if isinstance(item, Pending):
+        return Todo(Step(item.message_id, "sent", "broker PUBACK", ("queued",), True), item)
+    if isinstance(item, Inferred):
+        step = Step(item.message_id, item.outcome, "inferred", ("sent",), node_id=item.node_id)
+        return Todo(step, item)
+    target: Status = "executed" if item.status == "duplicate" else item.status
+    reason = item.detail or (
+        "node had already executed it (duplicate)"
+        if item.status == "duplicate"
+        else f"node acked {item.status}"
+    )
+    step = Step(
+        item.message_id,
+        target,
+        reason,
+        ALLOWED_FROM[target],
+        delivered=True,
+        reopen_expired=target != "expired",
+        node_id=item.node_id,
+        ack=item,
+    )
+    return Todo(step, item)
+
+
+def _rounds(todos: list[Todo]) -> list[list[Todo]]:
+    """Split into statements with each command at most once, keeping each one's order."""
+    rounds: list[list[Todo]] = []
+    seen: dict[str, int] = {}
+    for todo in todos:
+        i = seen[todo.step.message_id] = seen.get(todo.step.message_id, -1) + 1
+        if i == len(rounds):
+            rounds.append([])
+        rounds[i].append(todo)
+    return rounds
+
+
+async def _apply(
+    conn: Conn, rounds: list[list[Todo]], failed: list[Failed]
+) -> tuple[list[tuple[Moved, Ack | Inferred | Pending]], list[tuple[Ack, str]]]:
+    """Unreadable acks, then each round's transitions (unmatched acks kept): one statement
+    per round, in one transaction when there is more than one statement."""
+    if len(rounds) + bool(failed) > 1:
+        async with conn.transaction():
+            return await _apply_rounds(conn, rounds, failed)
+    return await _apply_rounds(conn, rounds, failed)
+
+
+async def _apply_rounds(
+    conn: Conn, rounds: list[list[Todo]], failed: list[Failed]
+) -> tuple[list[tuple[Moved, Ack | Inferred | Pending]], list[tuple[Ack, str]]]:
+    moved: list[tuple[Moved, Ack | Inferred | Pending]] = []
+    unmatched: list[tuple[Ack, str]] = []
+    if failed:
+        await store.write_batch(conn, [], failed)
+    for todos in rounds:
+        done, why = await outbox.move_many(conn, [t.step for t in todos], utcnow())
+        by_id = {m.message_id: m for m in done}
+        for t in todos:
+            if t.step.message_id in by_id:
+                moved.append((by_id[t.step.message_id], t.source))
+            elif isinstance(t.source, Ack):
+                unmatched.append((t.source, why.get(t.step.message_id, "unknown_command")))
+    return moved, unmatched

@@ -42,6 +42,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .mqtt import Mqtt, PublishUnconfirmed
+from .outbox import Step
 from .settings import Settings
 from .topics import command_topic, valid_node_id
 
@@ -187,22 +188,18 @@ class Commands:
         """Cancel a command never handed to MQTT; CommandConflict once it may have been."""
         at = utcnow()
 
-        async def work(conn: Conn) -> tuple[Moved | None, CommandRecord | None]:
-            moved = await outbox.move(
-                conn,
-                message_id,
-                "cancelled",
-                "cancelled by request",
-                at,
-                allowed_from=("queued",),
-                never_attempted=True,
-            )
+        step = Step(
+            message_id, "cancelled", "cancelled by request", ("queued",), never_attempted=True
+        )
+
+        async def work(conn: Conn) -> tuple[list[Moved], CommandRecord | None]:
+            moved, _ = await outbox.move_many(conn, [step], at)
             return moved, await outbox.fetch(conn, message_id, events=True)
 
         moved, record = await self._query(work)
         if record is None:
             raise CommandNotFound(message_id[:80])
-        if moved is None:
+        if not moved:
             detail = (
                 "a delivery attempt was made (outcome unknown); it can no longer be cancelled"
                 if record.status == "queued"
@@ -210,7 +207,7 @@ class Commands:
             )
             raise CommandConflict(message_id, record.status, detail)
         self.scheduler.remove(message_id)
-        self.emit(moved)
+        self.emit(moved[0])
         return record
 
     def stats(self) -> dict[str, Any]:
@@ -294,38 +291,48 @@ class Commands:
                 continue
             if not self.mqtt.connected.is_set():
                 await self.mqtt.connected.wait()
-            assert self._tg is not None
-            for cmd in self.scheduler.take(self.presence.is_online):
-                task = self._tg.create_task(self._send(cmd), name=f"command-{cmd.message_id}")
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
+            batch = self.scheduler.take(self.presence.is_online)
+            if batch:
+                await self._dispatch(batch)
+
+    async def _dispatch(self, batch: list[Pending]) -> None:
+        """Claim what was taken in one statement, then publish each claimed command."""
+        ids = [cmd.message_id for cmd in batch]
+        try:
+            claimed = await self.retrying(lambda c: outbox.claim_many(c, ids, utcnow()))
+        except DependencyUnavailable:  # stopping while the database is down
+            claimed = set()
+        assert self._tg is not None
+        for cmd in batch:
+            if cmd.message_id not in claimed:  # cancelled, expired or sent meanwhile
+                self.scheduler.settle(cmd.node_id, cmd.message_id)
+                self._wake.set()
+                continue
+            task = self._tg.create_task(self._send(cmd), name=f"command-{cmd.message_id}")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, cmd: Pending) -> None:
         try:
-            attempt = await self.retrying(lambda c: outbox.claim(c, cmd.message_id, utcnow()))
-            if attempt is None:  # cancelled, expired or sent meanwhile: the sweep settles it
-                self.scheduler.settle(cmd.node_id, cmd.message_id)
-                self._wake.set()
-                return
-            try:
-                if cmd.retain:
-                    await self.tracker.publish_retained(cmd)
-                await self.mqtt.publish(command_topic(cmd.node_id), cmd.payload, qos=1)
-            except PublishUnconfirmed as exc:
-                log.warning(
-                    "command %s to %s: %s; resending with the same id",
-                    cmd.message_id,
-                    cmd.node_id,
-                    exc.cause,
-                )
-                await asyncio.sleep(self.retry_delay_s)
-                self.scheduler.requeue(cmd)
-                self._wake.set()
-                return
-            await self.tracker.on_published(cmd)
-        except DependencyUnavailable as exc:  # database gone while stopping
+            if cmd.retain:
+                await self.tracker.publish_retained(cmd)
+            await self.mqtt.publish(command_topic(cmd.node_id), cmd.payload, qos=1)
+        except PublishUnconfirmed as exc:
+            log.warning(
+                "command %s to %s: %s; resending with the same id",
+                cmd.message_id,
+                cmd.node_id,
+                exc.cause,
+            )
+            await asyncio.sleep(self.retry_delay_s)
+            self.scheduler.requeue(cmd)
+            self._wake.set()
+            return
+        except DependencyUnavailable as exc:  # the database, while stopping
             log.warning("command %s left for the next start: %s", cmd.message_id, exc)
             self.scheduler.settle(cmd.node_id, cmd.message_id)
+            return
+        self.tracker.published(cmd)
 
     # -- sweep ---------------------------------------------------------------------------
     async def _sweep_loop(self) -> None:

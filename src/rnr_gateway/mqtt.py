@@ -37,6 +37,7 @@ SYSTEM = "mqtt"
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 RECONNECT_MAX_S = 60.0
 KEEPALIVE_S = 30
+MAX_INFLIGHT = 1000
 
 
 async def _until_disconnected(client: aiomqtt.Client) -> None:
@@ -175,7 +176,7 @@ class Mqtt:
 
     def _new_client(self) -> aiomqtt.Client:
         password = self.settings.password.value if self.settings.password else None
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.settings.host,
             self.settings.port,
             username=self.settings.username,
@@ -184,7 +185,13 @@ class Mqtt:
             keepalive=KEEPALIVE_S,
             timeout=self.settings.connection_timeout_s,
             socket_options=NODELAY,
+            # paho holds back QoS 1 publishes beyond 20 unacked; a broadcast is one burst
+            max_inflight_messages=MAX_INFLIGHT,
         )
+        # aiomqtt warns at every publish beyond 10 pending; bursts are normal here, and the
+        # pending count is a metric (rnr_mqtt_pending_publishes)
+        client.pending_calls_threshold = MAX_INFLIGHT
+        return client
 
     def _log_failure(self, exc: BaseException, failures: int) -> None:
         if failures == 1:

@@ -1,20 +1,29 @@
 """The command outbox in PostgreSQL, the record of truth: rows, transitions, queries.
 
-Every transition is one statement: a conditional UPDATE (only from the states it may
-come from) and its ``command_events`` row, so a race (an ack overtaking our own PUBACK, a
+Transitions are set-based statements: a conditional UPDATE (only from the states each may
+come from) and its ``command_events`` rows, so a race (an ack overtaking our own PUBACK, a
 cancel against a dispatch) is decided by the row lock, never by timing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
-from .command_codec import TERMINAL, Ack, CommandEvent, CommandRecord, Moved, NewCommand, Status
+from .command_codec import (
+    TERMINAL,
+    Ack,
+    CommandEvent,
+    CommandRecord,
+    Moved,
+    NewCommand,
+    Status,
+)
 
 if TYPE_CHECKING:
     from .db import Conn
@@ -46,24 +55,42 @@ WITH ins AS (
 SELECT message_id FROM ins
 """
 
-MOVE = """
-WITH t AS (
+MOVE_MANY = """
+WITH i AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[],
+                         $6::bool[], $7::text[], $8::bool[], $9::text[], $10::text[])
+                  AS i(mid, status, reason, allowed, delivered, reopen, node, unsent,
+                       ack, detail)
+), t AS (
     UPDATE commands c SET
-        status = $2, reason = $3, updated_at = $4,
-        sent_at = CASE WHEN $5 THEN COALESCE(c.sent_at, $4) ELSE c.sent_at END,
-        received_at = CASE WHEN $2 = 'received' THEN COALESCE(c.received_at, $4)
+        status = i.status, reason = i.reason, updated_at = $11,
+        sent_at = CASE WHEN i.delivered THEN COALESCE(c.sent_at, $11) ELSE c.sent_at END,
+        received_at = CASE WHEN i.status = 'received' THEN COALESCE(c.received_at, $11)
                            ELSE c.received_at END,
-        finished_at = CASE WHEN $2 = ANY($6::text[]) THEN $4 ELSE NULL END
-    WHERE c.message_id = $1
-      AND (c.status = ANY($7::text[]) OR ($8 AND c.status = 'expired' AND c.attempts > 0))
-      AND ($9::text IS NULL OR c.node_id = $9)
-      AND (NOT $10 OR c.attempts = 0)
+        finished_at = CASE WHEN i.status = ANY($12::text[]) THEN $11 ELSE NULL END
+    FROM i
+    WHERE c.message_id = i.mid
+      AND (c.status = ANY(string_to_array(i.allowed, ','))
+           OR (i.reopen AND c.status = 'expired' AND c.attempts > 0))
+      AND (i.node IS NULL OR c.node_id = i.node)
+      AND (NOT i.unsent OR c.attempts = 0)
     RETURNING c.message_id, c.node_id, c.status, c.reason, c.retain, c.attempts
 ), ev AS (
     INSERT INTO command_events (message_id, status, reason, at)
-    SELECT message_id, status, reason, $4 FROM t
+    SELECT message_id, status, reason, $11 FROM t
+), u AS (
+    INSERT INTO command_acks_unmatched (node_id, message_id, status, detail, reason)
+    SELECT i.node, i.mid, i.ack, i.detail,
+           CASE WHEN c.message_id IS NULL THEN 'unknown_command'
+                WHEN c.node_id <> i.node THEN 'wrong_node'
+                ELSE 'already_' || c.status END
+    FROM i LEFT JOIN commands c ON c.message_id = i.mid
+    WHERE i.ack IS NOT NULL AND i.mid NOT IN (SELECT message_id FROM t)
+    RETURNING message_id, reason
 )
-SELECT * FROM t
+SELECT message_id, node_id, status, reason, retain, attempts, NULL AS unmatched FROM t
+UNION ALL
+SELECT message_id, NULL, NULL, NULL, NULL, NULL, reason FROM u
 """
 
 EXPIRE_DUE = """
@@ -109,45 +136,64 @@ async def insert(
     return {r["message_id"] for r in rows}
 
 
-async def move(
-    conn: Conn,
-    message_id: str,
-    status: Status,
-    reason: str,
-    at: datetime,
-    *,
-    allowed_from: Sequence[Status],
-    delivered: bool = False,
-    reopen_expired: bool = False,
-    node_id: str | None = None,
-    never_attempted: bool = False,
-) -> Moved | None:
-    """One transition if the command is in an allowed state; None if it was not."""
-    row = await conn.fetchrow(
-        MOVE,
-        message_id,
-        status,
-        reason,
-        at,
-        delivered,
-        TERMINAL_LIST,
-        list(allowed_from),
-        reopen_expired,
-        node_id,
-        never_attempted,
-    )
-    return None if row is None else _moved(row, at)
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One transition to try: to ``status`` if the command is in one of ``allowed_from``."""
+
+    message_id: str
+    status: Status
+    reason: str
+    allowed_from: tuple[Status, ...]
+    delivered: bool = False  # the node has it: set sent_at if it was not
+    reopen_expired: bool = False  # also from 'expired' after an unknown delivery attempt
+    node_id: str | None = None  # only if the command is this node's
+    never_attempted: bool = False  # only if it was never handed to MQTT (cancel)
+    ack: Ack | None = None  # the node's ack this comes from: kept as unmatched if it fails
 
 
-async def claim(conn: Conn, message_id: str, at: datetime) -> int | None:
-    """Count a publish attempt of a still-queued, unexpired command; None if it is not."""
-    value = await conn.fetchval(
+async def move_many(
+    conn: Conn, steps: Sequence[Step], at: datetime
+) -> tuple[list[Moved], dict[str, str]]:
+    """Transitions in one statement (each command at most once): those that applied, and
+    for steps from an ack that did not, the reason it is kept as unmatched (id → reason).
+    """
+    assert len({s.message_id for s in steps}) == len(steps), "one step per command"
+    cols: list[list[Any]] = [[] for _ in range(10)]
+    for s in steps:
+        values = (
+            s.message_id,
+            s.status,
+            s.reason,
+            ",".join(s.allowed_from),
+            s.delivered,
+            s.reopen_expired,
+            s.node_id,
+            s.never_attempted,
+            s.ack.status if s.ack else None,
+            s.ack.detail if s.ack else None,
+        )
+        for col, value in zip(cols, values, strict=True):
+            col.append(value)
+    moved: list[Moved] = []
+    unmatched: dict[str, str] = {}
+    for row in await conn.fetch(MOVE_MANY, *cols, at, TERMINAL_LIST):
+        if row["unmatched"] is None:
+            moved.append(_moved(row, at))
+        else:
+            unmatched[row["message_id"]] = row["unmatched"]
+    return moved, unmatched
+
+
+async def claim_many(conn: Conn, message_ids: Sequence[str], at: datetime) -> set[str]:
+    """Count a publish attempt of each still-queued, unexpired command; returns those."""
+    rows = await conn.fetch(
         "UPDATE commands SET attempts = attempts + 1, updated_at = $2"
-        " WHERE message_id = $1 AND status = 'queued' AND expires_at > $2 RETURNING attempts",
-        message_id,
+        " WHERE message_id = ANY($1::text[]) AND status = 'queued' AND expires_at > $2"
+        " RETURNING message_id",
+        list(message_ids),
         at,
     )
-    return cast(int | None, value)
+    return {r["message_id"] for r in rows}
 
 
 async def expire_due(conn: Conn, at: datetime) -> list[Moved]:
@@ -224,22 +270,6 @@ async def existing_nodes(conn: Conn, node_ids: Sequence[str] | None) -> list[str
             list(node_ids),
         )
     return [r["node_id"] for r in rows]
-
-
-async def record_unmatched(conn: Conn, ack: Ack) -> str:
-    """Keep an ack that moved nothing, with why; returns the reason."""
-    reason = await conn.fetchval(
-        "INSERT INTO command_acks_unmatched (node_id, message_id, status, detail, reason)"
-        " SELECT $1, $2, $3, $4, CASE WHEN c.message_id IS NULL THEN 'unknown_command'"
-        "  WHEN c.node_id <> $1 THEN 'wrong_node' ELSE 'already_' || c.status END"
-        " FROM (SELECT 1) AS one LEFT JOIN commands c ON c.message_id = $2"
-        " RETURNING reason",
-        ack.node_id,
-        ack.message_id,
-        ack.status,
-        ack.detail,
-    )
-    return str(reason)
 
 
 async def retained_now(conn: Conn) -> dict[str, str]:
