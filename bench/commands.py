@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import secrets
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -29,17 +26,26 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiomqtt
 import orjson
+import psutil
 
 from rnr_gateway.gateway import Gateway
+from rnr_gateway.mqtt import NODELAY
 from rnr_gateway.settings import Secret, Settings
 from rnr_gateway.topology import ACK_QUEUE
 
-from .services import BrokerAdmin, create_database, drop_database, machine, with_path
+from .command_nodes import mqtt_config, nodes_process
+from .services import (
+    BrokerAdmin,
+    broker_process,
+    create_database,
+    drop_database,
+    machine,
+    postgres_processes,
+    with_path,
+)
 
-NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 MAX_RATES = (25, 50, 75, 100, 150, 200, 300, 400, 600, 800)
-HEARTBEAT_S = 10.0
 SUSTAINED_P99_MS = 250.0  # a rate is sustained when every command executes and p99 stays under
 
 
@@ -52,6 +58,8 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    stages: str = ""  # p50 of the outbox's own timestamps; raw rows: the PUBACK wait
+    cpu: str = ""  # % of one core during the step: gateway / broker / nodes / PostgreSQL
 
     def line(self) -> str:
         def ms(v: float | None) -> str:
@@ -59,7 +67,7 @@ class Row:
 
         return (
             f"| {self.label} | {self.rate:g}/s | {self.sent} | {self.done} | {ms(self.p50_ms)} "
-            f"| {ms(self.p99_ms)} | {ms(self.max_ms)} |"
+            f"| {ms(self.p99_ms)} | {ms(self.max_ms)} | {self.stages or '-'} | {self.cpu or '-'} |"
         )
 
 
@@ -104,82 +112,45 @@ class Tally:
         )
 
 
+class Cpu:
+    """CPU used during a block by this process (the gateway, or the raw publisher), the
+    broker, the node process and PostgreSQL, in % of one core."""
+
+    def __enter__(self) -> Cpu:
+        me = psutil.Process()
+        broker = broker_process()
+        self.roles: dict[str, list[psutil.Process]] = {
+            "gateway": [me],
+            "broker": [broker] if broker else [],
+            "nodes": me.children(recursive=True),
+            "pg": postgres_processes(),
+        }
+        self.start = (time.perf_counter(), self._times())
+        self.text = ""
+        return self
+
+    def _times(self) -> dict[str, float]:
+        out = {}
+        for role, procs in self.roles.items():
+            total = 0.0
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+            out[role] = total
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.start[0]
+        now, before = self._times(), self.start[1]
+        self.text = " / ".join(f"{100 * (now[r] - before[r]) / wall:.0f}" for r in now)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-# -- the test nodes (child process) ------------------------------------------------------
-def mqtt_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "hostname": settings.mqtt.host,
-        "port": settings.mqtt.port,
-        "username": settings.mqtt.username,
-        "password": settings.mqtt.password.value if settings.mqtt.password else None,
-    }
-
-
-async def heartbeats(client: aiomqtt.Client, node_id: str) -> None:
-    """As firmware does: without them presence rightly takes the node for gone."""
-    beat = orjson.dumps({"type": "heartbeat", "status": "online"})
-    while True:
-        await asyncio.sleep(HEARTBEAT_S)
-        await client.publish(f"devices/{node_id}/data", beat, qos=0)
-
-
-async def serve_nodes(config: dict[str, Any], node_ids: list[str]) -> None:
-    """Each node acks ``received`` then ``executed`` for every command, as firmware does."""
-
-    async def node(node_id: str, ready: asyncio.Event) -> None:
-        async with aiomqtt.Client(
-            **config,
-            identifier=f"bench-{node_id}",
-            socket_options=NODELAY,
-        ) as client:
-            await client.subscribe(f"devices/{node_id}/commands", qos=1)
-            status = orjson.dumps({"status": "online", "node_id": node_id})
-            await client.publish(f"devices/{node_id}/status", status, qos=1)
-            beats = asyncio.create_task(heartbeats(client, node_id))
-            ready.set()
-            try:
-                async for message in client.messages:
-                    mid = orjson.loads(message.payload)["message_id"]
-                    for outcome in ("received", "executed"):
-                        ack = orjson.dumps({"message_id": mid, "status": outcome})
-                        await client.publish(f"devices/{node_id}/ack", ack, qos=1)
-            finally:
-                beats.cancel()
-
-    readies = [asyncio.Event() for _ in node_ids]
-    tasks = [asyncio.create_task(node(n, r)) for n, r in zip(node_ids, readies, strict=True)]
-    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
-    print("ready", flush=True)
-    await asyncio.gather(*tasks)
-
-
-@contextlib.asynccontextmanager
-async def nodes_process(settings: Settings, node_ids: list[str]) -> AsyncIterator[None]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.commands",
-        "--serve-nodes",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps({"mqtt": mqtt_config(settings), "nodes": node_ids}).encode())
-    proc.stdin.close()  # the password goes through a pipe, never the command line
-    line = await asyncio.wait_for(proc.stdout.readline(), 90)
-    if line.strip() != b"ready":
-        raise SystemExit("bench: the node process did not start")
-    try:
-        yield
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 # -- load --------------------------------------------------------------------------------
@@ -217,16 +188,24 @@ async def raw_round_trips(settings: Settings, node_ids: list[str], rate: float, 
 
         reader = asyncio.create_task(read())
 
+        pubacks: list[float] = []
+
         async def fire(k: int) -> None:
             mid = f"raw-{rate:g}-{k}"
             body = orjson.dumps({"action": "PING", "message_id": mid})
             tally.start(mid)
+            t0 = time.perf_counter()
             await client.publish(f"devices/{node_ids[k % len(node_ids)]}/commands", body, qos=1)
+            pubacks.append((time.perf_counter() - t0) * 1000)
 
-        sent = await open_loop(rate, secs, fire)
-        await tally.wait(sent)
+        with Cpu() as cpu:
+            sent = await open_loop(rate, secs, fire)
+            await tally.wait(sent)
         reader.cancel()
-    return tally.row("raw MQTT", rate, sent)
+    row = tally.row("raw MQTT", rate, sent)
+    row.stages = f"PUBACK {percentile(pubacks, 0.5) or 0:.1f}"
+    row.cpu = cpu.text
+    return row
 
 
 async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: float) -> Row:
@@ -246,11 +225,34 @@ async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: 
         await gw.commands.submit(nodes[k % len(nodes)], {"action": "PING", "message_id": mid})
 
     try:
-        sent = await open_loop(rate, secs, fire)
-        await tally.wait(sent)
+        with Cpu() as cpu:
+            sent = await open_loop(rate, secs, fire)
+            await tally.wait(sent)
     finally:
         gw.commands.listeners.remove(on_status)
-    return tally.row("gateway", rate, sent)
+    row = tally.row("gateway", rate, sent)
+    row.stages = await stages(gw, f"gw-{tag}-%")
+    row.cpu = cpu.text
+    return row
+
+
+STAGES = """
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY sent_at - created_at) AS queued,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY received_at - sent_at) AS sent,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY finished_at - received_at) AS received
+FROM commands WHERE message_id LIKE $1 AND status = 'executed'
+"""
+
+
+async def stages(gw: Gateway, pattern: str) -> str:
+    """Median time in each state, from the outbox's timestamps (ms): queued → PUBACK
+    recorded, sent → received ack applied, received → executed ack applied."""
+    row = await gw.db.pool.fetchrow(STAGES, pattern)
+    if row is None or row["queued"] is None:
+        return ""
+    return " / ".join(
+        f"{row[k].total_seconds() * 1000:.1f}" for k in ("queued", "sent", "received")
+    )
 
 
 @contextlib.asynccontextmanager
@@ -344,8 +346,11 @@ async def main(args: Any) -> None:
     try:
         described = await machine(admin, db_url)
         print("machine: " + ", ".join(f"{k} {v}" for k, v in described.items()), flush=True)
-        print("| path | offered | sent | executed | p50 ms | p99 ms | max ms |")
-        print("|---|---|---|---|---|---|---|", flush=True)
+        print(
+            "| path | offered | sent | executed | p50 ms | p99 ms | max ms "
+            "| stages, p50 ms | CPU % gw / broker / nodes / pg |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
         await measure(settings, args)
     finally:
         admin.delete_vhost(vhost)
@@ -363,21 +368,10 @@ def parse(argv: list[str] | None = None) -> Any:
     )
     parser.add_argument("--no-max-rate", dest="max_rate", action="store_false")
     parser.add_argument("--max-duration", type=float, default=8.0)
-    parser.add_argument("--serve-nodes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     return args
 
 
-def serve_main() -> None:
-    config = json.loads(sys.stdin.read())
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_nodes(config["mqtt"], config["nodes"]))
-
-
 if __name__ == "__main__":
-    arguments = parse()
-    if arguments.serve_nodes:
-        serve_main()
-    else:
-        asyncio.run(main(arguments))
+    asyncio.run(main(parse()))

@@ -2,10 +2,12 @@
 acks (``device_acks``), ack timeouts, the retained copy on ``devices/{id}/commands/last``
 and, for legacy nodes that never ack, inference from their status events.
 
-Acks are processed in arrival order by one task and acked to the broker only after
-their transition is committed. An ack that moves nothing (unknown id, another node's
-command, already past that state) is kept in ``command_acks_unmatched``; an ack that
-cannot be read is recorded in ``failed_messages``. Neither stops anything.
+A node's PUBACKs, acks and inferences go to one of ``ACK_WORKERS`` workers (chosen by
+node, so their order is kept), which applies whatever has arrived set-based and acks the
+deliveries to the broker only after the transitions are committed. An ack that moves
+nothing (unknown id, another node's command, already past that state) is kept in
+``command_acks_unmatched``; an ack that cannot be read is recorded in
+``failed_messages``. Neither stops anything.
 """
 
 from __future__ import annotations
@@ -187,14 +189,17 @@ class Tracker:
         for m, source in moved:
             if isinstance(source, Pending):
                 self._after_sent(m, source)
+                continue
+            if isinstance(source, Inferred):
+                log.info("command %s %s, inferred from %r", m.message_id, m.status, source.event)
             else:
-                await self._after(m)
+                self._silent.discard(m.node_id)  # it acks after all
+            await self._after(m)
 
     async def _after(self, moved: Moved) -> None:
-        """Effects of a committed ack: event, node's slot, retained copy, inference."""
+        """Effects of a committed ack or inference: event, node's slot, retained copy."""
         self.c.emit(moved)
         node, mid = moved.node_id, moved.message_id
-        self._silent.discard(node)
         self._awaiting.get(node, {}).pop(mid, None)
         if moved.retain:
             await self._clear_retained(node, mid)

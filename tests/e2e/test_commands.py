@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -206,8 +207,15 @@ async def test_legacy_node_ends_at_sent_and_a_status_event_infers_executed(
             },
         )
         done = await settled(gw, relay.message_id, frozenset(("executed",)))
+        # a node without acks is not held for the ack timeout (1.5 s) once that is known,
+        # and an inferred result does not change that
+        started = time.monotonic()
+        more = [await gw.commands.submit("AABBCCDDEE01", {"action": "PING"}) for _ in range(2)]
+        await eventually(lambda: node.log.ids, lambda ids: more[-1].message_id in ids, within=1.2)
+        assert time.monotonic() - started < 1.2
     assert done.reason == "inferred" and statuses(done) == ["queued", "sent", "executed"]
     assert (await gw.commands.get(fan.message_id)).status == "sent"
+    assert gw.metrics.value("rnr_command_ack_timeouts_total") == 1  # only the first waited
 
 
 async def test_unknown_late_and_malformed_acks_are_recorded_and_harmless(
