@@ -23,16 +23,6 @@ Status = Literal[
     "queued", "sent", "received", "executed", "failed", "rejected", "expired", "cancelled"
 ]
 AckStatus = Literal["received", "executed", "failed", "rejected", "expired", "duplicate"]
-STATUSES: tuple[Status, ...] = (
-    "queued",
-    "sent",
-    "received",
-    "executed",
-    "failed",
-    "rejected",
-    "expired",
-    "cancelled",
-)
 ACK_STATUSES: frozenset[str] = frozenset(
     ("received", "executed", "failed", "rejected", "expired", "duplicate")
 )

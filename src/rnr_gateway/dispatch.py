@@ -39,6 +39,7 @@ class Scheduler:
         self._queued: dict[str, Pending] = {}
         self._per_node: dict[str, int] = {}
         self._in_flight: dict[str, dict[str, float]] = {}
+        self._flying: set[str] = set()  # every in-flight message id, for ``knows``
         self._dirty: set[str] = set()
         self._order = itertools.count()
 
@@ -49,13 +50,10 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        return sum(len(m) for m in self._in_flight.values())
+        return len(self._flying)
 
     def knows(self, message_id: str) -> bool:
-        return message_id in self._queued or any(message_id in m for m in self._in_flight.values())
-
-    def in_flight_for(self, node_id: str) -> list[str]:
-        return list(self._in_flight.get(node_id, {}))
+        return message_id in self._queued or message_id in self._flying
 
     def queued_for(self, node_id: str) -> list[str]:
         """The node's queued commands in the order they would go."""
@@ -117,6 +115,7 @@ class Scheduler:
                     continue  # removed while queued
                 self._per_node[node_id] -= 1
                 flying[mid] = math.inf  # publishing: no deadline until the broker confirms
+                self._flying.add(mid)
                 out.append(cmd)
             if not self._per_node.get(node_id):
                 self._per_node.pop(node_id, None)
@@ -126,6 +125,7 @@ class Scheduler:
     def hold(self, node_id: str, message_id: str, deadline: float) -> None:
         """Count a command restored as in flight (sent before a restart) against its node."""
         self._in_flight.setdefault(node_id, {})[message_id] = deadline
+        self._flying.add(message_id)
 
     def set_deadline(self, node_id: str, message_id: str, deadline: float) -> None:
         flying = self._in_flight.get(node_id)
@@ -137,6 +137,7 @@ class Scheduler:
         flying = self._in_flight.get(node_id)
         if flying is None or flying.pop(message_id, None) is None:
             return False
+        self._flying.discard(message_id)
         if not flying:
             del self._in_flight[node_id]
         self._dirty.add(node_id)
@@ -159,7 +160,3 @@ class Scheduler:
         for node_id, mid in due:
             self.settle(node_id, mid)
         return iter(due)
-
-    def next_deadline(self) -> float | None:
-        finite = [d for m in self._in_flight.values() for d in m.values() if d != math.inf]
-        return min(finite) if finite else None

@@ -232,14 +232,6 @@ async def fetch(conn: Conn, message_id: str, *, events: bool = False) -> Command
     return _record(row, history)
 
 
-async def fetch_many(conn: Conn, message_ids: Sequence[str]) -> list[CommandRecord]:
-    rows = await conn.fetch(
-        f"SELECT {COLUMNS} FROM commands WHERE message_id = ANY($1::text[])", list(message_ids)
-    )
-    by_id = {r["message_id"]: _record(r) for r in rows}
-    return [by_id[m] for m in message_ids if m in by_id]
-
-
 async def for_node(conn: Conn, node_id: str, limit: int) -> list[CommandRecord]:
     rows = await conn.fetch(
         f"SELECT {COLUMNS} FROM commands WHERE node_id = $1 ORDER BY created_at DESC LIMIT $2",
