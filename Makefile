@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ENV_FILE ?= .env
 NODES ?= 20
 
-.PHONY: run test setup venv lint check-types unit bench clean
+.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ unit: venv
 # hold the machine's service lock: flock /tmp/rnr-test.lock make bench [BENCH_ARGS=--quick]
 bench: setup
 	$(BIN)/python -m bench.ingest --env-file $(ENV_FILE) $(BENCH_ARGS)
+
+# in-process, no services (but a quiet machine): make bench-presence [BENCH_ARGS=--quick]
+bench-presence: venv
+	$(BIN)/python -m bench.presence $(BENCH_ARGS)
+
+# hold the machine's service lock: flock /tmp/rnr-test.lock make bench-ws [BENCH_ARGS=--quick]
+bench-ws: setup
+	$(BIN)/python -m bench.ws_fanout --env-file $(ENV_FILE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

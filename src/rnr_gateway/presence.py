@@ -79,6 +79,7 @@ class Presence:
         self.clock = clock
         self.nodes: dict[str, NodeState] = {}
         self._heap: list[tuple[float, str]] = []
+        self._online = 0  # kept by _transition, load and forget: counts() is O(1)
         self._pending: list[Transition] = []
         self._listeners: list[Callable[[Transition], None]] = []
         self._flush = asyncio.Event()
@@ -101,12 +102,13 @@ class Presence:
         return min(max(base, INTERVAL_MULTIPLE * state.interval_s), MAX_THRESHOLD_S)
 
     def counts(self) -> tuple[int, int]:
-        online = sum(1 for s in self.nodes.values() if s.status == "online")
-        return online, len(self.nodes) - online
+        return self._online, len(self.nodes) - self._online
 
     def forget(self, node_id: str) -> None:
         """A deleted node: its heap entry, if any, is skipped when it comes due."""
-        self.nodes.pop(node_id, None)
+        state = self.nodes.pop(node_id, None)
+        if state is not None and state.status == "online":
+            self._online -= 1
 
     def add_listener(self, callback: Callable[[Transition], None]) -> None:
         self._listeners.append(callback)
@@ -180,6 +182,7 @@ class Presence:
         self, node_id: str, state: NodeState, status: Status, reason: Reason, at: float
     ) -> None:
         event = Transition(node_id, state.status, status, reason, at)
+        self._online += (status == "online") - (state.status == "online")
         state.status = status
         self._pending.append(event)
         self.metrics.presence_transitions.labels(status, reason).inc()
@@ -212,6 +215,7 @@ class Presence:
             if status == "online":
                 deadline = max(state.last_seen + self.threshold(state), grace_until)
                 self._arm(row["node_id"], state, deadline)
+        self._online = sum(1 for s in self.nodes.values() if s.status == "online")
         log.info("presence restored for %d nodes", len(rows))
 
     async def run(self) -> None:

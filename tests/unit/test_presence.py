@@ -110,6 +110,28 @@ def test_tick_cost_ignores_silent_offline_nodes() -> None:
     assert len(presence._heap) == 1
 
 
+def test_counts_follow_every_transition_and_forget() -> None:
+    presence, clock, _ = make()
+    presence.heard("A", clock.now)
+    presence.heard("B", clock.now)
+    presence.heard("B", clock.now + 1)
+    assert presence.counts() == (2, 0)
+    presence.went_offline("A", "lwt", clock.now + 1)
+    presence.went_offline("A", "status", clock.now + 1)  # already offline: no change
+    assert presence.counts() == (1, 1)
+    presence.forget("B")
+    presence.forget("missing")
+    assert presence.counts() == (0, 1)
+    presence.heard("A", clock.now + 2)
+    presence.went_offline("C", "lwt", clock.now + 2)  # never heard: unknown -> offline
+    assert presence.counts() == (1, 1)
+    clock.now += PROBATION_S + 10
+    presence.check()
+    assert presence.counts() == (0, 2)
+    presence.forget("A")
+    assert presence.counts() == (0, 1)
+
+
 def test_stored_lwt_and_status_messages_map_to_reasons() -> None:
     from datetime import UTC, datetime
 
