@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ENV_FILE ?= .env
 NODES ?= 20
 
-.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws clean
+.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-presence: venv
 # hold the machine's service lock: flock /tmp/rnr-test.lock make bench-ws [BENCH_ARGS=--quick]
 bench-ws: setup
 	$(BIN)/python -m bench.ws_fanout --env-file $(ENV_FILE) $(BENCH_ARGS)
+
+# hold the machine's service lock: flock /tmp/rnr-test.lock make bench-commands
+bench-commands: setup
+	$(BIN)/python -m bench.commands --env-file $(ENV_FILE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
