@@ -290,7 +290,10 @@ class Tracker:
             except PublishUnconfirmed as exc:
                 log.info("retained copy of %s not cleared yet (%s); the sweep retries", mid, exc)
                 return
-            del self._retained[node]
+            # the ack path and the sweep may clear the same copy at once; a newer retained
+            # command published meanwhile stays
+            if self._retained.get(node) == mid:
+                del self._retained[node]
         await self._retrying(lambda conn: outbox.mark_retain_cleared(conn, [mid], utcnow()))
 
     async def clear_settled_retained(self, at: datetime) -> None:

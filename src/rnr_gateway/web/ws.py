@@ -52,13 +52,22 @@ async def endpoint(websocket: WebSocket) -> None:
     client = gw.hub.connect()
     try:
         await websocket.send_text(orjson.dumps(await gw.snapshot()).decode())
+        await _serve(websocket, client, gw)
+    except (WebSocketDisconnect, OSError, RuntimeError, TimeoutError) as exc:
+        log.debug("websocket ended: %s", exc)  # a client going away is not an error
+    finally:
+        gw.hub.disconnect(client)
+
+
+async def _serve(websocket: WebSocket, client: Client, gw: Any) -> None:
+    """The client's sender and receive loop; the TaskGroup's exception group is unwrapped
+    so that a disconnect or a send timeout ends the connection quietly."""
+    try:
         async with asyncio.TaskGroup() as tg:
             sender = tg.create_task(_send(websocket, client, gw))
             tg.create_task(_receive(websocket, client, sender))
-    except (WebSocketDisconnect, OSError, RuntimeError) as exc:
-        log.debug("websocket ended: %s", exc)
-    finally:
-        gw.hub.disconnect(client)
+    except* (WebSocketDisconnect, OSError, RuntimeError, TimeoutError) as group:
+        log.debug("websocket ended: %s", group.exceptions[0])
 
 
 async def _first_frame_auth(websocket: WebSocket, gw: Any) -> Scope | None:
