@@ -32,7 +32,7 @@ from rnr_gateway import topology
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
 from rnr_gateway.simulate import FleetConfig, FleetReport, run_fleet
-from tests.conftest import BrokerAdmin, eventually, mqtt_client, running, with_path
+from tests.conftest import BrokerAdmin, eventually, mqtt_client, running
 
 log = logging.getLogger(__name__)
 PG_VERSION = max(os.listdir("/etc/postgresql"), key=int) if Path("/etc/postgresql").is_dir() else ""
@@ -166,24 +166,6 @@ async def rabbit_down(how: str) -> AsyncIterator[None]:
 
 
 # -- fixtures ------------------------------------------------------------------------------
-@pytest.fixture
-async def database(base_settings: Settings, template_db: str, unique: str) -> AsyncIterator[str]:
-    """As conftest's, but dropped over a fresh connection: the one that created the database
-    does not survive a PostgreSQL restart."""
-    name = f"rnr_test_{unique}"
-    admin = await asyncpg.connect(base_settings.db.url.value)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    yield with_path(base_settings.db.url.value, name)
-    admin = await asyncpg.connect(base_settings.db.url.value, timeout=30)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 def services_kept_running(settings: Settings) -> Iterator[None]:
     """Whatever happened in the test, both services run afterwards (torn down before the
