@@ -150,9 +150,14 @@ def ensure_broker_file_limit(needed: int, restart: bool, say: Say) -> None:
     say("restarting RabbitMQ: rabbitmqctl stop; rabbitmq-server -detached; await_startup")
     subprocess.run(["rabbitmqctl", "-q", "stop"], check=False, capture_output=True)
     subprocess.run(["rabbitmq-server", "-detached"], check=True, capture_output=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "await_startup", "--timeout", "120"], check=True, capture_output=True
-    )
+    # await_startup fails at once (69) until the new node answers at all: try again, bounded
+    deadline = time.monotonic() + 120
+    while subprocess.run(
+        ["rabbitmqctl", "-q", "await_startup", "--timeout", "60"], capture_output=True
+    ).returncode:
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: RabbitMQ did not come back within 120 s of its restart")
+        time.sleep(1)
     proc = broker_process()
     limit = open_files_limit(proc) if proc else 0
     say(f"RabbitMQ restarted (pid {proc.pid if proc else '?'}), open-files limit now {limit}")

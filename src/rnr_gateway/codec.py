@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -29,6 +29,8 @@ class Decoded:
     seq: int | None = None
     ts: float | None = None
     fw: str | None = None
+    # the body as received when it is the JSON object itself: stored without re-encoding
+    text: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def status(self) -> str | None:
@@ -66,6 +68,7 @@ def decode(routing_key: str, body: bytes) -> Decoded:
         seq=_integer(data, "seq", INT64_MAX),
         ts=_number(data, "ts"),
         fw=_text(data, "fw"),
+        text=body.decode(),  # orjson has checked it is UTF-8
     )
 
 

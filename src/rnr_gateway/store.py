@@ -1,4 +1,4 @@
-"""SQL for the ingest pipeline: one transaction per batch, set-based (unnest), idempotent."""
+"""SQL for the ingest pipeline: one statement per batch, set-based (unnest), idempotent."""
 
 from __future__ import annotations
 
@@ -18,41 +18,63 @@ if TYPE_CHECKING:
 
 MAX_FAILED_BODY = 16_384
 
-INSERT_MESSAGES = """
-INSERT INTO sensor_data (node_id, data, received_at, kind, ts, boot, seq)
-SELECT n, d::jsonb, r, k, t, b, s
-FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::float8[],
-            $6::int[], $7::int8[]) AS m(n, d, r, k, t, b, s)
-ON CONFLICT (node_id, boot, seq) WHERE boot IS NOT NULL AND seq IS NOT NULL DO NOTHING
-RETURNING node_id, boot, seq
-"""
-
-UPSERT_NODES = """
-INSERT INTO nodes (node_id, mac_address, last_seen, message_count, status, firmware, last_boot)
-SELECT n, m, l, c, s, f, b
-FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int8[], $5::text[], $6::text[],
-            $7::int[]) AS u(n, m, l, c, s, f, b)
-ON CONFLICT (node_id) DO UPDATE SET
-    last_seen = GREATEST(nodes.last_seen, EXCLUDED.last_seen),
-    message_count = nodes.message_count + EXCLUDED.message_count,
-    status = CASE WHEN nodes.last_seen IS NULL OR EXCLUDED.last_seen >= nodes.last_seen
-                  THEN EXCLUDED.status ELSE nodes.status END,
-    firmware = COALESCE(EXCLUDED.firmware, nodes.firmware),
-    last_boot = COALESCE(EXCLUDED.last_boot, nodes.last_boot),
-    updated_at = now()
-"""
-
-UPSERT_FAILED = """
-INSERT INTO failed_messages (fingerprint, source, routing_key, headers, body, body_truncated,
-                             reason, detail, count)
-SELECT f, src, rk, h::jsonb, b, tr, rsn, dt, c
-FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bool[],
-            $7::text[], $8::text[], $9::int[]) AS x(f, src, rk, h, b, tr, rsn, dt, c)
-ON CONFLICT (fingerprint) DO UPDATE SET
-    count = failed_messages.count + EXCLUDED.count,
-    last_seen = now(),
-    reason = EXCLUDED.reason,
-    detail = EXCLUDED.detail
+# One statement per batch: atomic on its own (no BEGIN/COMMIT round trips), and the
+# database does the per-node aggregation. In-batch repeats of a key are dropped before
+# (``_unique``), so joining the inserted keys back to the batch finds each row once.
+WRITE_BATCH = """
+WITH m AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::float8[],
+                $6::int[], $7::int8[], $8::text[], $9::text[], $10::text[])
+         WITH ORDINALITY AS m(n, d, r, k, t, b, s, st, fw, mac, i)
+),
+ins AS (
+    INSERT INTO sensor_data (node_id, data, received_at, kind, ts, boot, seq)
+    SELECT n, d::jsonb, r, k, t, b, s FROM m
+    ON CONFLICT (node_id, boot, seq) WHERE boot IS NOT NULL AND seq IS NOT NULL DO NOTHING
+    RETURNING node_id, boot, seq
+),
+fresh AS (
+    SELECT m.* FROM m WHERE m.b IS NULL OR m.s IS NULL
+    UNION ALL
+    SELECT m.* FROM m JOIN ins ON ins.node_id = m.n AND ins.boot = m.b AND ins.seq = m.s
+),
+per_node AS (
+    -- a redelivered or repeated message is not a new one: nodes count messages
+    SELECT n, max(mac) AS mac, max(r) AS l, count(*) AS c,
+           (array_agg(st ORDER BY r DESC, i DESC))[1] AS st,
+           (array_agg(fw ORDER BY i DESC) FILTER (WHERE fw IS NOT NULL))[1] AS fw,
+           (array_agg(b ORDER BY i DESC) FILTER (WHERE b IS NOT NULL))[1] AS b
+    FROM fresh GROUP BY n
+),
+upserted AS (
+    INSERT INTO nodes (node_id, mac_address, last_seen, message_count, status, firmware,
+                       last_boot)
+    SELECT n, mac, l, c, st, fw, b FROM per_node
+    ORDER BY n  -- concurrent batches lock nodes in the same order
+    ON CONFLICT (node_id) DO UPDATE SET
+        last_seen = GREATEST(nodes.last_seen, EXCLUDED.last_seen),
+        message_count = nodes.message_count + EXCLUDED.message_count,
+        status = CASE WHEN nodes.last_seen IS NULL OR EXCLUDED.last_seen >= nodes.last_seen
+                      THEN EXCLUDED.status ELSE nodes.status END,
+        firmware = COALESCE(EXCLUDED.firmware, nodes.firmware),
+        last_boot = COALESCE(EXCLUDED.last_boot, nodes.last_boot),
+        updated_at = now()
+),
+recorded AS (
+    INSERT INTO failed_messages (fingerprint, source, routing_key, headers, body,
+                                 body_truncated, reason, detail, count)
+    SELECT f, src, rk, h::jsonb, b, tr, rsn, dt, c
+    FROM unnest($11::bytea[], $12::text[], $13::text[], $14::text[], $15::bytea[],
+                $16::bool[], $17::text[], $18::text[], $19::int[])
+         AS x(f, src, rk, h, b, tr, rsn, dt, c)
+    ON CONFLICT (fingerprint) DO UPDATE SET
+        count = failed_messages.count + EXCLUDED.count,
+        last_seen = now(),
+        reason = EXCLUDED.reason,
+        detail = EXCLUDED.detail
+)
+SELECT i FROM fresh ORDER BY i
 """
 
 
@@ -83,80 +105,44 @@ class BatchResult:
 async def write_batch(
     conn: Conn, accepted: Sequence[Accepted], failed: Sequence[Failed]
 ) -> BatchResult:
-    async with conn.transaction():
-        inserted = 0
-        fresh: list[Accepted] = []
-        if accepted:
-            keys = await conn.fetch(INSERT_MESSAGES, *_message_columns(accepted))
-            inserted = len(keys)
-            fresh = _fresh(accepted, {(r["node_id"], r["boot"], r["seq"]) for r in keys})
-            if fresh:
-                # a redelivered or repeated message is not a new one: nodes count messages
-                await conn.execute(UPSERT_NODES, *_node_columns(fresh))
-        if failed:
-            await conn.execute(UPSERT_FAILED, *_failed_columns(failed))
-    return BatchResult(inserted, len(accepted) - inserted, len(failed), fresh)
+    unique = _unique(accepted)
+    rows = await conn.fetch(WRITE_BATCH, *_message_columns(unique), *_failed_columns(failed))
+    stored = [unique[r["i"] - 1] for r in rows]
+    return BatchResult(len(stored), len(accepted) - len(stored), len(failed), stored)
+
+
+def _unique(rows: Sequence[Accepted]) -> Sequence[Accepted]:
+    """The batch without in-batch repeats of a (node, boot, seq) key (the first one stays)."""
+    seen: set[tuple[str, int, int]] = set()
+    out: list[Accepted] = []
+    for row in rows:
+        m = row.message
+        if m.boot is not None and m.seq is not None:
+            key = (m.node_id, m.boot, m.seq)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(row)
+    return out if len(out) < len(rows) else rows
 
 
 def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
-    cols: list[list[Any]] = [[], [], [], [], [], [], []]
+    cols: list[list[Any]] = [[], [], [], [], [], [], [], [], [], []]
+    (node, data, received, kind, ts, boot, seq, status, fw, mac) = cols
     for row in rows:
         m = row.message
-        for col, value in zip(
-            cols,
-            (
-                m.node_id,
-                orjson.dumps(m.data).decode(),
-                row.received_at,
-                m.kind,
-                m.ts,
-                m.boot,
-                m.seq,
-            ),
-            strict=True,
-        ):
-            col.append(value)
-    return cols
-
-
-def _fresh(
-    rows: Sequence[Accepted], inserted: set[tuple[str, int | None, int | None]]
-) -> list[Accepted]:
-    """The rows the insert really added: every unkeyed one, and the first of each new key."""
-    pending = set(inserted)
-    out = []
-    for row in rows:
-        m = row.message
-        if m.boot is None or m.seq is None:
-            out.append(row)
-        elif (m.node_id, m.boot, m.seq) in pending:
-            pending.discard((m.node_id, m.boot, m.seq))
-            out.append(row)
-    return out
-
-
-def _node_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
-    """One row per node (sorted, so concurrent batches lock nodes in the same order)."""
-    per_node: dict[str, list[Any]] = {}
-    for row in rows:
-        m = row.message
-        agg = per_node.get(m.node_id)
-        state = "offline" if m.offline else "online"
-        if agg is None:
-            per_node[m.node_id] = [row.received_at, 1, state, m.fw, m.boot]
-            continue
-        agg[1] += 1
-        if row.received_at >= agg[0]:
-            agg[0], agg[2] = row.received_at, state
-        agg[3] = m.fw or agg[3]
-        agg[4] = m.boot if m.boot is not None else agg[4]
-    cols: list[list[Any]] = [[], [], [], [], [], [], []]
-    for node_id in sorted(per_node):
-        last, count, state, fw, boot = per_node[node_id]
-        for col, value in zip(
-            cols, (node_id, mac_address(node_id), last, count, state, fw, boot), strict=True
-        ):
-            col.append(value)
+        node.append(m.node_id)
+        # the payload as it came (jsonb parses it again anyway); re-encoded only when the
+        # body was not the object itself (a bare status word)
+        data.append(m.text if m.text is not None else orjson.dumps(m.data).decode())
+        received.append(row.received_at)
+        kind.append(m.kind)
+        ts.append(m.ts)
+        boot.append(m.boot)
+        seq.append(m.seq)
+        status.append("offline" if m.offline else "online")
+        fw.append(m.fw)
+        mac.append(mac_address(m.node_id))
     return cols
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
@@ -53,3 +53,86 @@ async def test_a_failure_seen_again_counts_every_time_in_and_across_batches(
     await store.write_batch(db, [], [bad(b"{x")])
     rows = await db.fetch("SELECT body, count FROM failed_messages ORDER BY id")
     assert [(bytes(r["body"]), r["count"]) for r in rows] == [(b"{x", 4), (b"[1]", 1)]
+
+
+# -- nodes: the per-node aggregation the batch statement does ------------------------------
+def at(
+    node: str, body: dict[str, object] | bytes, seconds: float = 0, ch: str = "data"
+) -> Accepted:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Accepted(decode(f"devices.{node}.{ch}", raw), NOW + timedelta(seconds=seconds))
+
+
+async def node_rows(db: asyncpg.Connection) -> list[tuple[object, ...]]:
+    rows = await db.fetch(
+        "SELECT node_id, mac_address, last_seen, message_count, status, firmware, last_boot"
+        " FROM nodes ORDER BY node_id"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_one_node_row_per_node_with_its_aggregates(db: asyncpg.Connection) -> None:
+    batch = [
+        at("ZZ-9", {"temperature": 1}),
+        at("AABBCCDDEEFF", {"temperature": 1}),
+        at("MP-1", {"temperature": 1, "boot": 1, "seq": 1, "fw": "1.0"}),
+        at("AABBCCDDEEFF", {"type": "heartbeat"}, 2),
+        at("MP-1", {"temperature": 2, "boot": 2, "seq": 1}, 1),
+        at("AABBCCDDEEFF", {"test": "ping"}, 1),
+    ]
+    result = await store.write_batch(db, batch, [])
+    assert [id(r) for r in result.stored] == [id(r) for r in batch]
+    assert await node_rows(db) == [
+        # node, mac, last seen, count, status, firmware, last boot
+        ("AABBCCDDEEFF", "AA:BB:CC:DD:EE:FF", NOW + timedelta(seconds=2), 3, "online", None, None),
+        ("MP-1", None, NOW + timedelta(seconds=1), 2, "online", "1.0", 2),
+        ("ZZ-9", None, NOW, 1, "online", None, None),
+    ]
+    # the raw payload is kept as sent, typed columns beside it
+    stored = await db.fetch("SELECT data, kind FROM sensor_data WHERE node_id = 'MP-1'")
+    assert {(orjson.loads(r["data"])["temperature"], r["kind"]) for r in stored} == {
+        (1, "reading"),
+        (2, "reading"),
+    }
+
+
+async def test_node_status_follows_the_latest_message(db: asyncpg.Connection) -> None:
+    await store.write_batch(
+        db, [at("N1", {"temperature": 1}), at("N1", b"offline", 1, "status")], []
+    )
+    assert (await node_rows(db))[0][2:5] == (NOW + timedelta(seconds=1), 2, "offline")
+    await store.write_batch(db, [at("N2", b"offline", 0, "status"), at("N2", {"t": 1}, 1)], [])
+    assert (await node_rows(db))[1][4] == "online"
+    # an older LWT arriving late changes neither last_seen nor status
+    await store.write_batch(
+        db,
+        [at("N3", {"t": 1}, 5), at("N3", {"status": "offline", "reason": "lwt"}, 0, "status")],
+        [],
+    )
+    assert (await node_rows(db))[2][2:5] == (NOW + timedelta(seconds=5), 2, "online")
+    # same instant: the later message in the batch wins
+    await store.write_batch(db, [at("N4", {"t": 1}), at("N4", b"offline", 0, "status")], [])
+    assert (await node_rows(db))[3][4] == "offline"
+
+
+async def test_firmware_and_boot_keep_the_last_known_value(db: asyncpg.Connection) -> None:
+    await store.write_batch(
+        db, [at("N1", {"boot": 4, "seq": 1, "fw": "2.0"}), at("N1", {"t": 1})], []
+    )
+    assert (await node_rows(db))[0][5:] == ("2.0", 4)
+    await store.write_batch(db, [at("N1", {"t": 2})], [])  # a later batch keeps them too
+    assert (await node_rows(db))[0][5:] == ("2.0", 4)
+
+
+async def test_repeats_in_one_batch_count_once_with_fresh_rows_in_batch_order(
+    db: asyncpg.Connection,
+) -> None:
+    await store.write_batch(db, [reading("N1", 2)], [])
+    legacy = reading("LEGACY1", None)
+    batch = [reading("N1", 1), legacy, reading("N1", 1), reading("N1", 2), reading("N1", 3), legacy]
+    result = await store.write_batch(db, batch, [bad(b"{y")])
+    assert (result.inserted, result.duplicates, result.failed) == (4, 2, 1)
+    assert [id(r) for r in result.stored] == [id(batch[i]) for i in (0, 1, 4, 5)]
+    counts = dict(await db.fetch("SELECT node_id, message_count FROM nodes"))
+    assert counts == {"N1": 3, "LEGACY1": 2}
+    assert await db.fetchval("SELECT count(*) FROM failed_messages") == 1

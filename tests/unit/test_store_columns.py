@@ -13,9 +13,8 @@ from rnr_gateway.store import (
     Accepted,
     Failed,
     _failed_columns,
-    _fresh,
     _message_columns,
-    _node_columns,
+    _unique,
     fingerprint,
 )
 
@@ -48,10 +47,20 @@ def test_message_columns() -> None:
         accepted("AABBCCDDEEFF", b"offline", ch="status"),
     ]
     got = rows(_message_columns(batch))
-    assert [(r[0], r[2], r[3], r[4], r[5], r[6]) for r in got] == [
-        ("MP-1", T0, "reading", 1.5, 3, 7),
-        ("AABBCCDDEEFF", T0 + timedelta(seconds=1), "heartbeat", None, None, None),
-        ("AABBCCDDEEFF", T0, "status", None, None, None),
+    assert [(r[0], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in got] == [
+        ("MP-1", T0, "reading", 1.5, 3, 7, "online", "1.2", None),
+        (
+            "AABBCCDDEEFF",
+            T0 + timedelta(seconds=1),
+            "heartbeat",
+            None,
+            None,
+            None,
+            "online",
+            None,
+            "AA:BB:CC:DD:EE:FF",
+        ),
+        ("AABBCCDDEEFF", T0, "status", None, None, None, "offline", None, "AA:BB:CC:DD:EE:FF"),
     ]
     assert [orjson.loads(r[1]) for r in got] == [
         {"temperature": 20.5, "boot": 3, "seq": 7, "ts": 1.5, "fw": "1.2"},
@@ -59,91 +68,27 @@ def test_message_columns() -> None:
         {"status": "offline"},
     ]
     assert all(isinstance(r[1], str) for r in got)  # cast to jsonb from text
+    # the body goes in as it came, byte for byte
+    raw = b'{"temperature":  20.5,"unit":"\\u00b0C"}'
+    assert rows(_message_columns([accepted("N1", raw)]))[0][1] == raw.decode()
 
 
 def test_message_columns_of_nothing() -> None:
-    assert _message_columns([]) == [[], [], [], [], [], [], []]
+    assert _message_columns([]) == [[] for _ in range(10)]
 
 
-# -- nodes --------------------------------------------------------------------------------
-def test_node_columns_aggregate_one_row_per_node_in_sorted_order() -> None:
-    batch = [
-        accepted("ZZ-9", {"temperature": 1}),
-        accepted("AABBCCDDEEFF", {"temperature": 1}),
-        accepted("MP-1", {"temperature": 1, "boot": 1, "seq": 1, "fw": "1.0"}),
-        accepted("AABBCCDDEEFF", {"type": "heartbeat"}, T0 + timedelta(seconds=2)),
-        accepted("MP-1", {"temperature": 2, "boot": 2, "seq": 1}, T0 + timedelta(seconds=1)),
-        accepted("AABBCCDDEEFF", {"test": "ping"}, T0 + timedelta(seconds=1)),
-    ]
-    assert rows(_node_columns(batch)) == [
-        # node, mac, last seen, count, status, firmware, last boot
-        ("AABBCCDDEEFF", "AA:BB:CC:DD:EE:FF", T0 + timedelta(seconds=2), 3, "online", None, None),
-        ("MP-1", None, T0 + timedelta(seconds=1), 2, "online", "1.0", 2),
-        ("ZZ-9", None, T0, 1, "online", None, None),
-    ]
-
-
-def test_node_status_follows_the_latest_message() -> None:
-    lwt_last = [
-        accepted("N1", {"temperature": 1}),
-        accepted("N1", b"offline", T0 + timedelta(seconds=1), ch="status"),
-    ]
-    assert rows(_node_columns(lwt_last))[0][2:5] == (T0 + timedelta(seconds=1), 2, "offline")
-    back_online = [
-        accepted("N1", b"offline", T0, ch="status"),
-        accepted("N1", {"temperature": 1}, T0 + timedelta(seconds=1)),
-    ]
-    assert rows(_node_columns(back_online))[0][4] == "online"
-    older_lwt = [
-        accepted("N1", {"temperature": 1}, T0 + timedelta(seconds=5)),
-        accepted("N1", {"status": "offline", "reason": "lwt"}, T0, ch="status"),
-    ]
-    assert rows(_node_columns(older_lwt))[0][2:5] == (T0 + timedelta(seconds=5), 2, "online")
-
-
-def test_same_time_later_message_wins() -> None:
-    batch = [accepted("N1", {"temperature": 1}), accepted("N1", b"offline", ch="status")]
-    assert rows(_node_columns(batch))[0][4] == "offline"
-
-
-def test_firmware_and_boot_keep_the_last_known_value() -> None:
-    batch = [
-        accepted("N1", {"boot": 4, "seq": 1, "fw": "2.0"}),
-        accepted("N1", {"temperature": 1}),  # a message without metadata keeps them
-    ]
-    assert rows(_node_columns(batch))[0][5:] == ("2.0", 4)
-
-
-# -- what the insert really added ---------------------------------------------------------
+# -- in-batch repeats ---------------------------------------------------------------------
 def keyed(node: str, boot: int, seq: int) -> Accepted:
     return accepted(node, {"temperature": 1, "boot": boot, "seq": seq})
 
 
-def test_fresh_rows_are_the_unkeyed_and_the_first_of_each_inserted_key() -> None:
+def test_unique_drops_repeats_of_a_key_and_keeps_unkeyed_rows() -> None:
     a, a_again, b, c = keyed("N1", 1, 1), keyed("N1", 1, 1), keyed("N1", 1, 2), keyed("N2", 1, 1)
     legacy = accepted("AABBCCDDEEFF", {"temperature": 3})
-    batch = [a, legacy, a_again, b, c, legacy]
-    # the database inserted N1/1/1 (once) and N2/1/1; N1/1/2 was there already
-    got = _fresh(batch, {("N1", 1, 1), ("N2", 1, 1)})
-    assert [id(r) for r in got] == [id(a), id(legacy), id(c), id(legacy)]
-
-
-def test_fresh_does_not_consume_its_argument() -> None:
-    inserted = {("N1", 1, 1)}
-    assert len(_fresh([keyed("N1", 1, 1)], inserted)) == 1
-    assert inserted == {("N1", 1, 1)}
-
-
-def test_a_batch_of_redeliveries_touches_no_node() -> None:
-    batch = [keyed("N1", 1, s) for s in range(5)]
-    assert _fresh(batch, set()) == []
-    assert _node_columns([]) == [[], [], [], [], [], [], []]
-
-
-def test_node_counts_count_messages_not_deliveries() -> None:
-    batch = [keyed("N1", 1, 1), keyed("N1", 1, 1), keyed("N1", 1, 2)]
-    fresh = _fresh(batch, {("N1", 1, 1), ("N1", 1, 2)})
-    assert rows(_node_columns(fresh))[0][3] == 2
+    got = _unique([a, legacy, a_again, b, c, legacy])
+    assert [id(r) for r in got] == [id(a), id(legacy), id(b), id(c), id(legacy)]
+    plain = [a, b, c]
+    assert _unique(plain) is plain
 
 
 # -- failed messages ----------------------------------------------------------------------
