@@ -58,7 +58,7 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     max_ms: float | None
-    stages: str = ""  # p50 of the outbox's own timestamps; raw rows: the PUBACK wait
+    stages: str = ""  # p50 (p99) of the outbox's timestamps; raw rows: the PUBACK wait
     cpu: str = ""  # % of one core during the step: gateway / broker / nodes / PostgreSQL
 
     def line(self) -> str:
@@ -203,7 +203,9 @@ async def raw_round_trips(settings: Settings, node_ids: list[str], rate: float, 
             await tally.wait(sent)
         reader.cancel()
     row = tally.row("raw MQTT", rate, sent)
-    row.stages = f"PUBACK {percentile(pubacks, 0.5) or 0:.1f}"
+    row.stages = (
+        f"PUBACK {percentile(pubacks, 0.5) or 0:.1f} ({percentile(pubacks, 0.99) or 0:.1f})"
+    )
     row.cpu = cpu.text
     return row
 
@@ -237,21 +239,23 @@ async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: 
 
 
 STAGES = """
-SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY sent_at - created_at) AS queued,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY received_at - sent_at) AS sent,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY finished_at - received_at) AS received
+SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY sent_at - created_at) AS queued,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY received_at - sent_at) AS sent,
+       percentile_cont(ARRAY[0.5, 0.99])
+           WITHIN GROUP (ORDER BY finished_at - received_at) AS received
 FROM commands WHERE message_id LIKE $1 AND status = 'executed'
 """
 
 
 async def stages(gw: Gateway, pattern: str) -> str:
-    """Median time in each state, from the outbox's timestamps (ms): queued → PUBACK
+    """Time in each state, from the outbox's timestamps (ms, p50 (p99)): queued → PUBACK
     recorded, sent → received ack applied, received → executed ack applied."""
     row = await gw.db.pool.fetchrow(STAGES, pattern)
     if row is None or row["queued"] is None:
         return ""
     return " / ".join(
-        f"{row[k].total_seconds() * 1000:.1f}" for k in ("queued", "sent", "received")
+        "{:.1f} ({:.1f})".format(*(q.total_seconds() * 1000 for q in row[k]))
+        for k in ("queued", "sent", "received")
     )
 
 
@@ -348,7 +352,7 @@ async def main(args: Any) -> None:
         print("machine: " + ", ".join(f"{k} {v}" for k, v in described.items()), flush=True)
         print(
             "| path | offered | sent | executed | p50 ms | p99 ms | max ms "
-            "| stages, p50 ms | CPU % gw / broker / nodes / pg |"
+            "| stages, p50 (p99) ms | CPU % gw / broker / nodes / pg |"
         )
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
         await measure(settings, args)

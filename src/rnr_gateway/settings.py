@@ -101,7 +101,7 @@ class DbSettings:
 class IngestSettings:
     batch_max: int = 500
     linger_ms: float = 2.0
-    writers: int = 2
+    writers: int = 1
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ class _Reader:
             ingest=IngestSettings(
                 batch_max=self.integer("INGEST_BATCH_MAX", 500, 1, 100_000),
                 linger_ms=self.number("INGEST_LINGER_MS", 2.0, 0, 10_000),
-                writers=self.integer("INGEST_WRITERS", 2, 1, 64),
+                writers=self.integer("INGEST_WRITERS", 1, 1, 64),
             ),
             http=HttpSettings(
                 host=self.text("HTTP_HOST", "127.0.0.1"),

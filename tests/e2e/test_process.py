@@ -256,14 +256,17 @@ async def acked_stats(broker: Broker, acks: int) -> dict[str, int]:
 
 
 # -- 1. SIGKILL mid-stream -----------------------------------------------------------------
+# with two writers, batches commit out of order while acks still go out in delivery order
+@pytest.mark.parametrize("writers", [1, 2])
 async def test_sigkill_mid_stream_then_restart_stores_every_confirmed_reading_once(
     settings: Settings,
     unique: str,
     db: asyncpg.Connection,
     broker: Broker,
     gateway_process: GatewayProcess,
+    writers: int,
 ) -> None:
-    env = env_for(settings)
+    env = env_for(settings) | {"INGEST_WRITERS": str(writers)}
     await start_and_wait(gateway_process, broker, env)
     devices = fleet(settings, unique, nodes=10, count=1000, rate_hz=400)  # ≥ 2.5 s of stream
     devices.start()
