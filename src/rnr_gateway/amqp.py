@@ -26,6 +26,7 @@ from aio_pika.abc import (
 )
 
 from . import topology
+from .aio import first_of
 from .errors import DependencyUnavailable, GatewayError, TopologyMismatch
 from .metrics import Metrics
 from .settings import AmqpSettings
@@ -73,7 +74,9 @@ class Amqp:
         self._consuming = True
         self._lost = asyncio.Event()
         self._stop = asyncio.Event()
+        self._retry = asyncio.Event()
         self.connected = asyncio.Event()
+        self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Amqp:
@@ -89,18 +92,14 @@ class Amqp:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def retry_now(self) -> None:
+        """Cut the current reconnect wait short (the broker is known to be back)."""
+        self._retry.set()
+
     async def run(self) -> None:
         """Watch the connection; after a loss reconnect with backoff until stopped."""
         while not self._stop.is_set():
-            lost = asyncio.ensure_future(self._lost.wait())
-            stop = asyncio.ensure_future(self._stop.wait())
-            try:
-                await asyncio.wait(
-                    {lost, stop}, timeout=VERIFY_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                lost.cancel()
-                stop.cancel()
+            await first_of(self._lost, self._stop, within=VERIFY_INTERVAL_S)
             if self._stop.is_set():
                 return
             if not self._lost.is_set():
@@ -117,15 +116,15 @@ class Amqp:
         await self._close()
         delay = self.settings.reconnect_initial_s
         attempt = 0
+        self._retry.clear()
         while not self._stop.is_set():
             wait = delay * random.uniform(0.8, 1.2)
             attempt += 1
             log.debug("RabbitMQ reconnect attempt %d in %.1f s", attempt, wait)
-            try:
-                await asyncio.wait_for(self._stop.wait(), wait)
+            await first_of(self._stop, self._retry, within=wait)
+            if self._stop.is_set():
                 return
-            except TimeoutError:
-                pass
+            self._retry.clear()
             try:
                 await self._open()
             except TopologyMismatch:
@@ -140,6 +139,8 @@ class Amqp:
                 loop.time() - started,
                 attempt,
             )
+            for callback in self.on_restored:
+                callback()
             return
 
     async def _open(self) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -75,6 +76,11 @@ class Gateway:
             [Consumer(q, partial(self.ingest.submit, q)) for q in INGEST_QUEUES],
         )
         self.mqtt = Mqtt(settings.mqtt, self.metrics)
+        if same_broker(settings):
+            # one broker behind both (the MQTT plugin): when either protocol gets through
+            # again, the other stops waiting out its backoff
+            self.amqp.on_restored.append(self.mqtt.retry_now)
+            self.mqtt.on_restored.append(self.amqp.retry_now)
         self.commands = Commands(
             settings, self.db, self.amqp, self.mqtt, self.metrics, self.presence, self.hub.publish
         )
@@ -82,7 +88,9 @@ class Gateway:
         self.consumed_queues += tuple(c.queue for c in self.commands.consumers())
         self.ingest.on_stored.append(self.commands.on_stored)
         self.app = build_app(self)
-        self._server = make_server(self.app, settings.shutdown_timeout_s * 0.2)
+        self._server = make_server(
+            self.app, settings.shutdown_timeout_s * 0.2, settings.http.ws_compression
+        )
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
         self.started_monotonic = time.monotonic()
@@ -267,3 +275,13 @@ async def _logged(name: str, work: Awaitable[None]) -> None:
     except Exception:
         log.exception("task %s crashed", name)
         raise
+
+
+LOOPBACK_NAMES = {"localhost": "127.0.0.1", "::1": "127.0.0.1"}
+
+
+def same_broker(settings: Settings) -> bool:
+    """Whether AMQP and MQTT go to the same host (RabbitMQ with its MQTT plugin)."""
+    amqp_host = urlsplit(settings.amqp.url.value).hostname or "localhost"
+    hosts = {LOOPBACK_NAMES.get(h, h) for h in (amqp_host, settings.mqtt.host)}
+    return len(hosts) == 1

@@ -22,12 +22,14 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import aiomqtt
 from prometheus_client import Counter, Gauge, Histogram
 
+from .aio import first_of
 from .errors import DependencyUnavailable
 from .metrics import LATENCY_BUCKETS, Metrics
 from .settings import MqttSettings
@@ -81,6 +83,8 @@ class Mqtt:
         self._lost = asyncio.Event()  # replaced per connection; set when it is gone
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
+        self._retry = asyncio.Event()
+        self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
         self._first: aiomqtt.Client | None = None  # connected by __aenter__, owned by run
         self.connections = 0
         r = metrics.registry
@@ -134,6 +138,10 @@ class Mqtt:
         """Drop the current connection; ``run`` opens a new one."""
         self._kick.set()
 
+    def retry_now(self) -> None:
+        """Cut the current reconnect wait short (the broker is known to be back)."""
+        self._retry.set()
+
     async def run(self) -> None:
         """Own the connection until stopped: watch it, replace it when lost (with backoff)."""
         client, self._first = self._first, None
@@ -169,10 +177,10 @@ class Mqtt:
         return client
 
     async def _pause(self, failures: int) -> None:
-        if failures and not self._stop.is_set():
+        if failures and not self._stop.is_set() and not self._retry.is_set():
             delay = min(self.settings.retry_delay_s * 2 ** (failures - 1), RECONNECT_MAX_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay * random.uniform(0.8, 1.2))
+            await first_of(self._stop, self._retry, within=delay * random.uniform(0.8, 1.2))
+        self._retry.clear()
 
     def _new_client(self) -> aiomqtt.Client:
         password = self.settings.password.value if self.settings.password else None
@@ -206,9 +214,11 @@ class Mqtt:
         self.connected.set()
         self.metrics.dependency_up.labels(SYSTEM).set(1)
         self.connections += 1
+        log.info("MQTT connected to %s as %s", self.target, self.client_id)
         if self.connections > 1:
             self.metrics.reconnects.labels(SYSTEM).inc()
-        log.info("MQTT connected to %s as %s", self.target, self.client_id)
+            for callback in self.on_restored:
+                callback()
 
     def _down(self) -> None:
         if self.connected.is_set() and not self._stop.is_set():

@@ -15,6 +15,7 @@ class TcpProxy:
         self.host, self.port = host, port
         self.listen_port = 0
         self.swallow_replies = False  # server → client bytes are discarded while set
+        self.refuse = False  # new connections are closed at once while set
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -42,6 +43,9 @@ class TcpProxy:
         self._open.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
         for w in (writer, up_writer):
             sock = w.get_extra_info("socket")

@@ -92,6 +92,25 @@ async def test_lost_connection_is_replaced_and_unconfirmed_publish_is_reported(
     assert metrics.value("rnr_reconnects_total", {"system": "mqtt"}) >= 1
 
 
+async def test_retry_now_ends_the_reconnect_wait_at_once(settings: Settings) -> None:
+    async with TcpProxy(settings.mqtt.host, settings.mqtt.port) as proxy:
+        # a 60 s backoff: only retry_now can bring the connection back within the test
+        via = replace(settings.mqtt, host="127.0.0.1", port=proxy.listen_port, retry_delay_s=60)
+        async with running(Mqtt(via, Metrics())) as mqtt:
+            restored: list[bool] = []
+            mqtt.on_restored.append(lambda: restored.append(True))
+            proxy.refuse = True
+            proxy.drop_all()
+            await eventually(mqtt.connected.is_set, lambda up: not up, within=10)
+            await asyncio.sleep(1)
+            assert not mqtt.connected.is_set() and proxy.connections == 1  # waiting it out
+            proxy.refuse = False
+            mqtt.retry_now()  # what the AMQP side does when it gets through to the broker
+            await eventually(mqtt.connected.is_set, bool, within=10)
+            assert restored == [True]  # and the AMQP side is told in turn
+    assert proxy.connections == 2
+
+
 async def test_gateway_process_exits_69_when_mqtt_never_answers(settings: Settings) -> None:
     env = env_for(settings)
     env.update(MQTT_BROKER_PORT=str(free_port()), MQTT_MAX_RETRIES="1", MQTT_RETRY_DELAY="0.05")
