@@ -9,14 +9,15 @@ Two sources of events, each at a fixed rate:
   ``ts``, QoS 1) in a third process publish readings through RabbitMQ's MQTT plugin; the
   gateway ingests, commits to PostgreSQL and pushes: the end-to-end figure.
 
-Scenarios: the hub at several rates, with and without permessage-deflate (browsers
-offer it, and uvicorn accepts it by default); 99 healthy clients + 1 stalled one (reads
-nothing after its snapshot): once like a browser tab (deflate, the default queue bound),
-once without deflate and with a queue bound of 100 for it alone, which makes it reach
-the hub's overflow path within the window; the MQTT path with 100 healthy clients and
-with 1 stalled. The gateway runs in this process (its CPU is this process's, the driver
-and a sampler included); the clients (``python -m bench.ws_clients``) and the simulator
-each in their own. One fresh vhost and database for the run, dropped afterwards.
+Scenarios: the hub at several rates, with and without permessage-deflate (browsers offer
+it; the gateway here allows it, as ``WS_COMPRESSION=true`` does); 99 healthy clients + 1
+stalled one (reads nothing after its snapshot): once like a browser tab (deflate, the
+default queue bound), once without deflate and with a queue bound of 100 for it alone,
+which makes it reach the hub's overflow path within the window; the MQTT path with 100
+healthy clients and with 1 stalled. The gateway runs in this process (its CPU is this
+process's, the driver and a sampler included); the clients (``python -m
+bench.ws_clients``) and the simulator each in their own. One fresh vhost and database
+for the run, dropped afterwards.
 
     python -m bench.ws_fanout --env-file .env             (~4.5 min)
     python -m bench.ws_fanout --env-file .env --quick     (~1.5 min)
@@ -51,10 +52,8 @@ from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Secret, Settings
 from rnr_gateway.simulate import reading
 
-from .services import BrokerAdmin, create_database, drop_database, with_path
+from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, with_path
 from .ws_report import SAMPLE_S, Outcome, Scenario, line, render
-
-ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 
 
 def say(text: str) -> None:
@@ -284,7 +283,15 @@ def gateway_settings(base: Settings, name: str, db_url: str, token: str) -> Sett
         amqp=replace(base.amqp, url=Secret(with_path(base.amqp.url.value, name))),
         mqtt=replace(base.mqtt, username=f"{name}:{base.mqtt.username or user}"),
         db=replace(base.db, url=Secret(db_url)),
-        http=replace(base.http, host="127.0.0.1", port=0, tokens=(("read", Secret(token)),)),
+        # compression allowed, so each scenario's clients decide: a "deflate" scenario is
+        # what WS_COMPRESSION=true costs, a "no deflate" one the gateway's default
+        http=replace(
+            base.http,
+            host="127.0.0.1",
+            port=0,
+            tokens=(("read", Secret(token)),),
+            ws_compression=True,
+        ),
     )
 
 

@@ -113,6 +113,9 @@ class HttpSettings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 10_240
     open_probes: bool = True  # /health* and /metrics without a token
+    # permessage-deflate on /ws: every client's frames are compressed separately, which
+    # costs the gateway about half again the CPU of the fan-out (docs/benchmarks.md)
+    ws_compression: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,7 @@ class _Reader:
                 ),
                 max_body_bytes=self.integer("HTTP_MAX_BODY_BYTES", 10_240, 256, 10_000_000),
                 open_probes=self.flag("HTTP_OPEN_PROBES", True),
+                ws_compression=self.flag("WS_COMPRESSION", False),
             ),
             presence=PresenceSettings(
                 offline_threshold_s=self.number("OFFLINE_THRESHOLD_S", 15.0, 0.1, 86_400),

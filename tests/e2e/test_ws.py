@@ -214,3 +214,14 @@ async def test_restart_keeps_state_without_spurious_transitions(
             ]
             assert status == [("STOPS", "offline", "startup")]
             assert gateway.presence.is_online("KEEPS")
+
+
+async def test_frames_go_uncompressed_unless_ws_compression_is_on(settings: Settings) -> None:
+    # the websockets client offers permessage-deflate, as browsers do
+    for enabled, expected in ((False, None), (True, "permessage-deflate")):
+        configured = replace(settings, http=replace(settings.http, ws_compression=enabled))
+        async with running(Gateway(configured)) as gateway, ws(gateway) as socket:
+            assert socket.response is not None
+            agreed = socket.response.headers.get("Sec-WebSocket-Extensions")
+            assert (agreed.split(";")[0] if agreed else None) == expected
+            assert (await frame(socket))["type"] == "snapshot"

@@ -103,7 +103,7 @@ class Server(uvicorn.Server):
         yield
 
 
-def make_server(app: Starlette, graceful_s: float) -> Server:
+def make_server(app: Starlette, graceful_s: float, ws_compression: bool = False) -> Server:
     config = uvicorn.Config(
         app,
         lifespan="off",
@@ -112,5 +112,6 @@ def make_server(app: Starlette, graceful_s: float) -> Server:
         server_header=False,
         timeout_graceful_shutdown=max(1, int(graceful_s)),
         ws_max_size=65_536,
+        ws_per_message_deflate=ws_compression,
     )
     return Server(config)
