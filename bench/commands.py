@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -35,6 +34,7 @@ from rnr_gateway.topology import ACK_QUEUE
 
 from .command_nodes import mqtt_config, nodes_process
 from .services import (
+    ADMIN_URL,
     BrokerAdmin,
     broker_process,
     create_database,
@@ -44,7 +44,6 @@ from .services import (
     with_path,
 )
 
-ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 MAX_RATES = (25, 50, 75, 100, 150, 200, 300, 400, 600, 800)
 SUSTAINED_P99_MS = 250.0  # a rate is sustained when every command executes and p99 stays under
 

@@ -52,6 +52,7 @@ from .measure import (
 )
 from .report import render
 from .services import (
+    ADMIN_URL,
     BrokerAdmin,
     create_database,
     drop_database,
@@ -63,7 +64,6 @@ from .services import (
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "rnr_bench_"
 OURS = re.compile(PREFIX + r"[0-9a-f]{8}")  # other benchmarks share the prefix, not the form
-ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 
 
 def say(line: str) -> None:

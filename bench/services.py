@@ -20,6 +20,7 @@ from rnr_gateway import topology
 from rnr_gateway.db import migrate
 
 Say = Callable[[str], None]
+ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 
 
 def with_path(url: str, path: str) -> str:
@@ -54,6 +55,12 @@ class BrokerAdmin:
 
     def delete_vhost(self, vhost: str) -> None:
         self.client.delete(f"/api/vhosts/{vhost}")
+
+    def queue(self, vhost: str, name: str) -> dict[str, Any]:
+        response = self.client.get(f"/api/queues/{quote(vhost, safe='')}/{name}")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
 
     def mqtt_connections(self, vhost: str) -> int:
         response = self.client.get(

@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiomqtt
 import asyncpg
-import httpx
 import pytest
+from bench.services import ADMIN_URL, BrokerAdmin, with_path
 
-from rnr_gateway import topology
 from rnr_gateway.db import migrate
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import (
@@ -35,7 +34,6 @@ from rnr_gateway.simulate import NODELAY
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(os.environ.get("ENV_FILE", ROOT / ".env"))
-ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 T = TypeVar("T")
 TOKENS = {"read": "test-read-token", "command": "test-command-token", "admin": "test-admin-token"}
 
@@ -45,44 +43,6 @@ def base_settings() -> Settings:
     if not ENV_FILE.exists():
         pytest.exit(f"{ENV_FILE} is missing: run `make setup` (or `make test`) first", 2)
     return Settings.from_env(env_file=ENV_FILE)
-
-
-def with_path(url: str, path: str, username: str | None = None) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + path))
-
-
-class BrokerAdmin:
-    """RabbitMQ's management HTTP API (guest on loopback by default)."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.client = httpx.Client(
-            base_url=urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port}")),
-            auth=(parts.username or "guest", parts.password or "guest"),
-            timeout=30,
-        )
-
-    def create_vhost(self, vhost: str, user: str) -> None:
-        self.client.put(f"/api/vhosts/{vhost}").raise_for_status()
-        self.client.put(
-            f"/api/permissions/{vhost}/{user}",
-            json={"configure": ".*", "write": ".*", "read": ".*"},
-        ).raise_for_status()
-
-    def load_topology(self, vhost: str) -> None:
-        defs = topology.definitions(vhost)
-        defs.pop("vhosts")
-        self.client.post(f"/api/definitions/{vhost}", json=defs).raise_for_status()
-
-    def delete_vhost(self, vhost: str) -> None:
-        self.client.delete(f"/api/vhosts/{vhost}")
-
-    def queue(self, vhost: str, name: str) -> dict[str, Any]:
-        response = self.client.get(f"/api/queues/{vhost}/{name}")
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +63,6 @@ def vhost(broker_admin: BrokerAdmin, base_settings: Settings, unique: str) -> It
     name = f"rnr_test_{unique}"
     user = urlsplit(base_settings.amqp.url.value).username or ""
     broker_admin.create_vhost(name, user)
-    broker_admin.load_topology(name)
     yield name
     broker_admin.delete_vhost(name)
 
