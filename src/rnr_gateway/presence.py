@@ -11,7 +11,8 @@ flap on its first gap.
 Cost: only online nodes have an entry in the deadline heap (one, plus a stale one while
 the interval is being learned); a message
 only updates ``last_seen`` (O(1)); a tick pops the entries that are due and re-arms the
-ones heard from since. Silent nodes that are already offline cost nothing.
+ones heard from since. Silent nodes that are already offline cost nothing. A large tick
+is taken in chunks, with the event loop free in between.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 Status = Literal["online", "offline", "unknown"]
 Reason = Literal["message", "timeout", "lwt", "status", "startup"]
 INTERVAL_MULTIPLE = 2.5
+# due heap entries looked at before the ticker lets the event loop run others: at 100 000
+# online nodes a whole tick is some 30 000 entries and 0.1-0.2 s (docs/benchmarks.md)
+TICK_CHUNK = 2000
 MAX_THRESHOLD_S = 6 * 3600.0
 EWMA_WEIGHT = 0.3
 Clock = Callable[[], float]  # wall-clock epoch seconds (injected in tests)
@@ -158,11 +162,17 @@ class Presence:
             self._transition(node_id, state, "offline", reason, at)
 
     # -- the ticker ----------------------------------------------------------------------
-    def check(self) -> list[Transition]:
-        """One tick: every online node silent beyond its threshold goes offline."""
-        now = self.clock()
+    def check(self, now: float | None = None, limit: int | None = None) -> list[Transition]:
+        """One tick: every online node silent beyond its threshold goes offline.
+
+        With ``limit``, at most that many due entries are looked at; ``due(now)`` then
+        says whether the tick has more (the ticker yields to the loop in between).
+        """
+        now = self.clock() if now is None else now
         before = len(self._pending)
-        while self._heap and self._heap[0][0] <= now:
+        budget = limit if limit is not None else -1
+        while self._heap and self._heap[0][0] <= now and budget:
+            budget -= 1
             due, node_id = heapq.heappop(self._heap)
             state = self.nodes.get(node_id)
             if state is None or state.deadline != due:
@@ -177,6 +187,10 @@ class Presence:
                 reason: Reason = "startup" if state.restored else "timeout"
                 self._transition(node_id, state, "offline", reason, now)
         return self._pending[before:]
+
+    def due(self, now: float) -> bool:
+        """Whether a node's deadline is at or before ``now``, still to be looked at."""
+        return bool(self._heap) and self._heap[0][0] <= now
 
     def _transition(
         self, node_id: str, state: NodeState, status: Status, reason: Reason, at: float
@@ -231,9 +245,15 @@ class Presence:
     async def _ticker(self) -> None:
         interval = self.settings.status_check_interval_s
         while not self._stop.is_set():
-            started = time.perf_counter()
-            self.check()
-            self.metrics.presence_tick_seconds.observe(time.perf_counter() - started)
+            now, busy = self.clock(), 0.0
+            while True:
+                started = time.perf_counter()
+                self.check(now, limit=TICK_CHUNK)
+                busy += time.perf_counter() - started
+                if not self.due(now):
+                    break
+                await asyncio.sleep(0)  # ingest and WebSocket senders run between chunks
+            self.metrics.presence_tick_seconds.observe(busy)
             online, offline = self.counts()
             self.metrics.nodes.labels("online").set(online)
             self.metrics.nodes.labels("offline").set(offline)

@@ -192,3 +192,29 @@ async def test_restart_restores_state_and_flags_silent_nodes_as_startup() -> Non
     tick_until(presence, clock, clock.now + 10)
     assert [(t.node_id, t.status, t.reason) for t in seen] == [("GONE", "offline", "startup")]
     assert presence.is_online("KEPT") and not presence.is_online("OFF")
+
+
+def test_a_tick_taken_in_chunks_ends_as_one_tick_does() -> None:
+    whole, whole_clock, whole_seen = make()
+    chunked, chunked_clock, chunked_seen = make()
+    for presence, clock in ((whole, whole_clock), (chunked, chunked_clock)):
+        for i in range(250):  # 200 fall silent, 50 keep reporting
+            presence.heard(f"N{i}", clock.now)
+        clock.now += PROBATION_S + 1
+        for i in range(200, 250):
+            presence.heard(f"N{i}", clock.now)
+        clock.now += 1
+    whole.check()
+    now = chunked_clock.now
+    rounds = 0
+    while True:
+        rounds += 1
+        assert len(chunked.check(now, limit=30)) <= 30
+        if not chunked.due(now):
+            break
+    assert rounds == 9  # 250 due entries (200 go offline, 50 are re-armed), 30 at a time
+    assert [(t.node_id, t.status, t.at) for t in chunked_seen] == [
+        (t.node_id, t.status, t.at) for t in whole_seen
+    ]
+    assert sum(t.status == "offline" for t in whole_seen) == 200
+    assert whole.counts() == chunked.counts() == (50, 200)
