@@ -17,8 +17,8 @@ import orjson
 
 from .metrics import Metrics
 
-RESYNC = orjson.dumps({"type": "resync", "reason": "client too slow; events were dropped"})
-CLOSE = b""  # sentinel: the sender closes the socket
+RESYNC = orjson.dumps({"type": "resync", "reason": "client too slow; events were dropped"}).decode()
+CLOSE = ""  # sentinel: the sender closes the socket
 MAX_OVERFLOWS = 3
 OVERFLOW_WINDOW_S = 30.0
 
@@ -28,7 +28,7 @@ class Client:
     queue_size: int
     nodes: frozenset[str] | None = None  # None = all
     types: frozenset[str] | None = None
-    queue: asyncio.Queue[bytes] = field(init=False)
+    queue: asyncio.Queue[str] = field(init=False)  # text frames, encoded once per event
     overflows: list[float] = field(default_factory=list)
     closing: bool = False
 
@@ -67,7 +67,7 @@ class Hub:
             return
         event_type = str(event.get("type", ""))
         node_id = event.get("node_id")
-        frame = orjson.dumps(event)
+        frame = orjson.dumps(event).decode()
         for client in list(self.clients):
             if client.closing or not client.wants(event_type, node_id):
                 continue
@@ -96,6 +96,6 @@ class Hub:
             client.queue.put_nowait(CLOSE)
 
 
-def _clear(queue: asyncio.Queue[bytes]) -> None:
+def _clear(queue: asyncio.Queue[str]) -> None:
     while not queue.empty():
         queue.get_nowait()

@@ -20,6 +20,7 @@ from .errors import HttpError
 log = logging.getLogger(__name__)
 AUTH_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 10.0
+SEND_BATCH = 64  # frames sent under one timeout: one per frame cost a fifth of the fan-out
 POLICY_VIOLATION = 1008
 UNAUTHORIZED = 4401
 TOO_SLOW = 4008
@@ -95,14 +96,22 @@ async def _first_frame_auth(websocket: WebSocket, gw: Any) -> Scope | None:
 
 
 async def _send(websocket: WebSocket, client: Client, gw: Any) -> None:
+    """Send what is queued, back to back (up to SEND_BATCH frames under one timeout)."""
     while True:
-        frame = await client.queue.get()
-        if frame is CLOSE or frame == CLOSE:
-            await websocket.close(code=TOO_SLOW if client.closing else 1001)
-            return
-        async with asyncio.timeout(SEND_TIMEOUT_S):
-            await websocket.send_text(frame.decode())
-        gw.metrics.ws_events.inc()
+        frames = [await client.queue.get()]
+        while len(frames) < SEND_BATCH and not client.queue.empty():
+            frames.append(client.queue.get_nowait())
+        sent = 0
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                for frame in frames:
+                    if frame == CLOSE:
+                        await websocket.close(code=TOO_SLOW if client.closing else 1001)
+                        return
+                    await websocket.send_text(frame)
+                    sent += 1
+        finally:
+            gw.metrics.ws_events.inc(sent)
 
 
 async def _receive(websocket: WebSocket, client: Client, sender: asyncio.Task[None]) -> None:
