@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 import asyncpg
 import pytest
 
@@ -108,18 +109,16 @@ class Broker:
 
     async def consumers(self, queue: str = topology.SENSOR_QUEUE) -> int:
         """Live consumer count from a passive declare (not the lagging management stats)."""
-        if self._conn is None or self._conn.is_closed:
-            self._conn = await aio_pika.connect(self.settings.amqp.url.value, timeout=5)
-        async with self._conn.channel() as channel:
-            queue_ = await channel.declare_queue(queue, passive=True)
-            return int(queue_.declaration_result.consumer_count or 0)
+        return int((await self._declare_ok(queue)).consumer_count or 0)
 
     async def ready(self, queue: str = topology.SENSOR_QUEUE) -> int:
+        return int((await self._declare_ok(queue)).message_count or 0)
+
+    async def _declare_ok(self, queue: str) -> aiormq.spec.Queue.DeclareOk:
         if self._conn is None or self._conn.is_closed:
             self._conn = await aio_pika.connect(self.settings.amqp.url.value, timeout=5)
         async with self._conn.channel() as channel:
-            queue_ = await channel.declare_queue(queue, passive=True)
-            return int(queue_.declaration_result.message_count or 0)
+            return (await channel.declare_queue(queue, passive=True)).declaration_result
 
     def stats(self, queue: str = topology.SENSOR_QUEUE) -> dict[str, object]:
         return self.admin.queue(self.vhost, queue)

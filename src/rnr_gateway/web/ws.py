@@ -20,7 +20,7 @@ from .errors import HttpError
 log = logging.getLogger(__name__)
 AUTH_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 10.0
-SEND_BATCH = 64  # frames sent under one timeout: one per frame cost a fifth of the fan-out
+SEND_BATCH = 64  # frames a sender sends back to back under one timeout
 POLICY_VIOLATION = 1008
 UNAUTHORIZED = 4401
 TOO_SLOW = 4008
