@@ -222,10 +222,26 @@ class Ingest:
             self.metrics.stored.labels(kind).inc(n)
         if result.duplicates:
             self.metrics.duplicates.inc(result.duplicates)
-        for bad in failed:
-            self.metrics.failed.labels(bad.reason).inc()
+        if not failed:
+            return
+        reasons = Counter(bad.reason for bad in failed)
+        for reason, n in reasons.items():
+            self.metrics.failed.labels(reason).inc(n)
+        first = failed[0]
+        if len(failed) == 1:
             log.warning(
-                "message on %s recorded as failed: %s (%s)", bad.routing_key, bad.reason, bad.detail
+                "message on %s recorded as failed: %s (%s)",
+                first.routing_key,
+                first.reason,
+                first.detail,
+            )
+        else:  # one line per batch, not one per message: a flood stays readable
+            log.warning(
+                "%d messages recorded as failed (%s); the first on %s: %s",
+                len(failed),
+                ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common()),
+                first.routing_key,
+                first.detail,
             )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
@@ -154,3 +156,30 @@ async def test_malformed_message_between_valid_ones_is_recorded_and_does_not_blo
     )
     assert ok == len(bad) + 1
     assert await db.fetchval("SELECT count(*) FROM sensor_data WHERE node_id <> 'OK-1'") == 0
+
+
+async def test_a_burst_of_bad_messages_is_counted_and_logged_once_per_batch(
+    gateway: Gateway,
+    settings: Settings,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rnr_gateway.ingest")
+    burst = 200
+    async with mqtt_client(settings, "flood") as client:
+        for i in range(burst):
+            await client.publish(f"devices/FLOOD-{i % 5}/data", b"{not json %d" % i, qos=0)
+    await eventually(
+        lambda: db.fetchval("SELECT coalesce(sum(count), 0) FROM failed_messages"),
+        lambda n: n >= burst,
+    )
+    await eventually(
+        lambda: gateway.metrics.value("rnr_messages_failed_total", {"reason": "bad_json"}),
+        lambda n: n >= burst,
+    )
+    lines = [r.getMessage() for r in caplog.records if "recorded as failed" in r.getMessage()]
+    # every failed message is in exactly one line: "N messages ..." or "message on ..."
+    logged = sum(int(line.split()[0]) if line[0].isdigit() else 1 for line in lines)
+    assert logged == burst
+    assert len(lines) < burst  # batches of them share a line
+    assert all("bad_json" in line for line in lines)
