@@ -18,7 +18,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import orjson
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ACK_WORKERS = 4  # a node's acks always go to the same worker: their order is kept
 BATCH_MAX = 200
+# how far back the outbox is read at start to tell which nodes never ack
+UNACKING_MEMORY = timedelta(days=7)
 ALLOWED_FROM: dict[Status, tuple[Status, ...]] = {
     "received": ("queued", "sent"),
     "executed": ("queued", "sent", "received"),
@@ -264,6 +266,14 @@ class Tracker:
             return 0
         self.c.scheduler.hold(record.node_id, record.message_id, time.monotonic() + left)
         return 1
+
+    async def load_unacking(self, at: datetime) -> None:
+        """After a restart: nodes known not to ack keep not being waited for."""
+        sent_before = at - timedelta(seconds=self.settings.ack_timeout_s)
+        nodes = await self._retrying(
+            lambda conn: outbox.unacking_nodes(conn, sent_before, at - UNACKING_MEMORY)
+        )
+        self._silent.update(nodes)
 
     # -- retained copies -----------------------------------------------------------------
     async def load_retained(self) -> None:

@@ -279,6 +279,7 @@ class Commands:
             else:
                 held += self.tracker.restore(r, at)
         await self.tracker.load_retained()
+        await self.tracker.load_unacking(at)
         log.info("commands: %d queued, %d in flight restored", len(rows) - held, held)
         self._wake.set()
 

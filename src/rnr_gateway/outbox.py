@@ -252,6 +252,22 @@ async def open_commands(conn: Conn, in_flight_since: datetime) -> list[CommandRe
     return [_record(r) for r in rows]
 
 
+async def unacking_nodes(conn: Conn, sent_before: datetime, since: datetime) -> list[str]:
+    """Nodes whose latest command (sent since ``since``, and longer ago than an ack
+    timeout) got no ack at all: legacy firmware, as far as the outbox can tell."""
+    rows = await conn.fetch(
+        "SELECT node_id FROM ("
+        "  SELECT DISTINCT ON (node_id) node_id, sent_at, received_at, status, reason"
+        "  FROM commands WHERE sent_at >= $2 ORDER BY node_id, sent_at DESC"
+        ") latest"
+        " WHERE sent_at < $1 AND received_at IS NULL"
+        " AND (status = 'sent' OR (status = 'executed' AND reason = 'inferred'))",
+        sent_before,
+        since,
+    )
+    return [r["node_id"] for r in rows]
+
+
 async def existing_nodes(conn: Conn, node_ids: Sequence[str] | None) -> list[str]:
     """The given nodes that exist (all nodes when None), sorted."""
     if node_ids is None:

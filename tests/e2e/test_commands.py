@@ -218,6 +218,25 @@ async def test_legacy_node_ends_at_sent_and_a_status_event_infers_executed(
     assert gw.metrics.value("rnr_command_ack_timeouts_total") == 1  # only the first waited
 
 
+async def test_a_node_known_not_to_ack_is_still_known_after_a_restart(
+    cmd_settings: Settings,
+) -> None:
+    node = TestNode(cmd_settings, "AABBCCDDEE02", acks=False)
+    async with running(Gateway(cmd_settings)) as first, node.connected(first):
+        waited = await first.commands.submit("AABBCCDDEE02", {"action": "PING"})
+        await eventually(lambda: node.log.ids, lambda ids: waited.message_id in ids, within=5)
+        # the ack timeout (1.5 s) passes without an ack: the node is taken for legacy
+        await eventually(
+            lambda: first.metrics.value("rnr_command_ack_timeouts_total"), bool, within=5
+        )
+    async with running(Gateway(cmd_settings)) as second, node.connected(second):
+        started = time.monotonic()
+        more = [await second.commands.submit("AABBCCDDEE02", {"action": "PING"}) for _ in range(2)]
+        await eventually(lambda: node.log.ids, lambda ids: more[-1].message_id in ids, within=1.2)
+        assert time.monotonic() - started < 1.2  # the first did not hold the node 1.5 s
+        assert second.metrics.value("rnr_command_ack_timeouts_total") == 0
+
+
 async def test_unknown_late_and_malformed_acks_are_recorded_and_harmless(
     gw: Gateway, cmd_settings: Settings, db: asyncpg.Connection
 ) -> None:
