@@ -77,6 +77,8 @@ class Amqp:
         self._retry = asyncio.Event()
         self.connected = asyncio.Event()
         self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
+        self.reconnect_attempts = 0
+        self.publish_failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Amqp:
@@ -125,6 +127,7 @@ class Amqp:
             if self._stop.is_set():
                 return
             self._retry.clear()
+            self.reconnect_attempts += 1
             try:
                 await self._open()
             except TopologyMismatch:
@@ -303,10 +306,13 @@ class Amqp:
                 message, routing_key, mandatory=True, timeout=self.settings.publish_timeout_s
             )
         except aiormq.exceptions.PublishError as exc:
+            self.publish_failures += 1
             raise GatewayError(f"unroutable: no queue bound for {exchange}/{routing_key}") from exc
         except aiormq.exceptions.DeliveryError as exc:
+            self.publish_failures += 1
             raise GatewayError(f"broker refused publish to {exchange}/{routing_key}") from exc
         except TRANSIENT as exc:
+            self.publish_failures += 1
             raise DependencyUnavailable(SYSTEM, self.settings.display, _describe(exc)) from None
         finally:
             self.metrics.confirms_pending.dec()

@@ -220,22 +220,10 @@ class Gateway:
         return total
 
     def stats(self) -> dict[str, Any]:
-        """The seed's three stats objects, from real counters."""
-        commands: dict[str, Any] = {}
-        stats_of = getattr(self.mqtt, "stats", None)
-        if callable(stats_of):
-            commands = stats_of()
+        """The seed's three stats objects (with its field names), from real counters."""
         return {
             "worker_service": worker_state_of(self),
-            "mqtt_publisher": commands
-            or {
-                "connected": False,
-                "commands_sent": 0,
-                "commands_failed": 0,
-                "success_rate_percent": 100.0,
-                "pending_publishes": 0,
-                "connection_attempts": 0,
-            },
+            "mqtt_publisher": self.mqtt.stats(),
             "rabbitmq_client": rabbitmq_state_of(self),
         }
 

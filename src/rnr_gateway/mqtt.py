@@ -23,6 +23,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -87,6 +88,7 @@ class Mqtt:
         self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
         self._first: aiomqtt.Client | None = None  # connected by __aenter__, owned by run
         self.connections = 0
+        self.connected_at: datetime | None = None  # the current (or last) connection's start
         r = metrics.registry
         self.attempts = Counter(
             "rnr_mqtt_connection_attempts", "MQTT connection attempts", registry=r
@@ -212,6 +214,7 @@ class Mqtt:
         self._lost = asyncio.Event()
         self._kick.clear()
         self.connected.set()
+        self.connected_at = datetime.now(UTC)
         self.metrics.dependency_up.labels(SYSTEM).set(1)
         self.connections += 1
         log.info("MQTT connected to %s as %s", self.target, self.client_id)
@@ -293,11 +296,24 @@ class Mqtt:
             "rnr_mqtt_publishes_total", {"kind": "command", "result": "unconfirmed"}
         )
         total = sent + failed
+        connected = self.connected.is_set()
+        since = self.connected_at
         return {
-            "connected": self.connected.is_set(),
+            "connected": connected,
             "commands_sent": int(sent),
             "commands_failed": int(failed),
             "success_rate_percent": round(100.0 * sent / total, 2) if total else 100.0,
             "pending_publishes": int(self.metrics.value("rnr_mqtt_pending_publishes")),
             "connection_attempts": int(self.metrics.value("rnr_mqtt_connection_attempts_total")),
+            # the rest of the seed's get_publisher_stats() fields
+            "is_connected": connected,
+            "uptime_seconds": (
+                round((datetime.now(UTC) - since).total_seconds(), 1)
+                if connected and since
+                else None
+            ),
+            "failed_commands_count": int(failed),
+            "broker": self.target,
+            "qos_level": 1,
+            "last_connection": since.isoformat() if since else None,
         }

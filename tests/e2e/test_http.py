@@ -3,6 +3,7 @@ shapes, probes, metrics, stats and the legacy node/data endpoints."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -127,14 +128,26 @@ async def test_probes_metrics_and_stats(
     stats = (await http.get("/api/stats", headers=READ)).json()
     assert set(stats) == {"worker_service", "mqtt_publisher", "rabbitmq_client"}
     assert stats["worker_service"]["messages_processed"] >= 3
-    for key in (
-        "commands_sent",
-        "commands_failed",
-        "success_rate_percent",
-        "pending_publishes",
-        "connection_attempts",
-    ):
-        assert key in stats["mqtt_publisher"]
+    # the seed's field names, each filled from the running gateway
+    worker, mqtt, amqp = stats["worker_service"], stats["mqtt_publisher"], stats["rabbitmq_client"]
+    assert worker["connected_to_rabbitmq"] is True and worker["worker_pid"] == os.getpid()
+    assert worker["node_counts"]["online"] >= 1 and worker["node_counts"]["total"] >= 1
+    assert worker["offline_threshold_seconds"] == settings.presence.offline_threshold_s
+    assert worker["error_count"] == worker["messages_failed"] and worker["success_rate"] == 100.0
+    assert worker["uptime_seconds"] >= 0
+    assert mqtt["is_connected"] is True and mqtt["qos_level"] == 1
+    assert mqtt["broker"] == f"{settings.mqtt.host}:{settings.mqtt.port}"
+    assert mqtt["last_connection"] is not None and mqtt["uptime_seconds"] >= 0
+    for key in ("commands_sent", "commands_failed", "failed_commands_count", "pending_publishes"):
+        assert mqtt[key] == 0, key
+    assert mqtt["success_rate_percent"] == 100.0 and mqtt["connection_attempts"] >= 1
+    assert amqp["is_connected"] is True and amqp["consuming"] is True
+    assert amqp["reconnect_attempts"] == 0 and amqp["failed_messages_count"] == 0
+    assert amqp["heartbeat_interval"] == settings.amqp.heartbeat_s
+    assert amqp["socket_timeout"] == settings.amqp.socket_timeout_s
+    assert amqp["connection_url"].endswith("/" + settings.amqp.vhost)
+    assert "@" not in amqp["connection_url"]  # no credentials
+    assert amqp["messages_published"] >= 0
 
 
 async def test_legacy_shapes_pagination_and_time_ranges(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -44,15 +46,32 @@ def rabbitmq_state(request: Request) -> dict[str, Any]:
 
 
 def rabbitmq_state_of(gw: Gateway) -> dict[str, Any]:
-    m = gw.metrics
+    m, amqp = gw.metrics, gw.amqp
+    consumers = {q: int(m.value("rnr_amqp_consumers", {"queue": q})) for q in gw.consumed_queues}
+    connected = amqp.connected.is_set()
+    target = urlsplit(amqp.settings.url.value)
     return {
-        "connected": gw.amqp.connected.is_set(),
+        "connected": connected,
         "reconnects": int(m.value("rnr_reconnects_total", {"system": "rabbitmq"})),
         "outages": int(m.value("rnr_outages_total", {"system": "rabbitmq"})),
-        "consumers": {
-            q: int(m.value("rnr_amqp_consumers", {"queue": q})) for q in gw.consumed_queues
-        },
+        "consumers": consumers,
         "confirms_pending": int(m.value("rnr_amqp_confirms_pending")),
+        # the seed's get_connection_stats() fields
+        "is_connected": connected,
+        "reconnect_attempts": amqp.reconnect_attempts,
+        "messages_published": int(
+            sum(
+                sample.value
+                for metric in m.published.collect()
+                for sample in metric.samples
+                if sample.name.endswith("_total")
+            )
+        ),
+        "failed_messages_count": amqp.publish_failures,
+        "consuming": connected and any(consumers.values()),
+        "heartbeat_interval": amqp.settings.heartbeat_s,
+        "socket_timeout": amqp.settings.socket_timeout_s,
+        "connection_url": f"{target.hostname}:{target.port or 5672}{target.path or '/'}",
     }
 
 
@@ -70,22 +89,31 @@ def worker_state(request: Request) -> dict[str, Any]:
 def worker_state_of(gw: Gateway) -> dict[str, Any]:
     m = gw.metrics
     online, offline = gw.presence.counts()
+    stored = int(
+        sum(
+            m.value("rnr_messages_stored_total", {"kind": k})
+            for k in ("reading", "event", "heartbeat", "ping", "status")
+        )
+    )
+    failed = int(gw.failed_total())
     return {
         "running": gw.started.is_set(),
         "uptime_seconds": round(time.monotonic() - gw.started_monotonic, 1),
         "messages_processed": int(m.value("rnr_messages_acked_total")),
-        "messages_stored": int(
-            sum(
-                m.value("rnr_messages_stored_total", {"kind": k})
-                for k in ("reading", "event", "heartbeat", "ping", "status")
-            )
-        ),
+        "messages_stored": stored,
         "messages_duplicate": int(m.value("rnr_messages_duplicate_total")),
-        "messages_failed": int(gw.failed_total()),
+        "messages_failed": failed,
         "backlog": gw.ingest.backlog,
         "database_up": gw.db.up,
         "nodes_online": online,
         "nodes_offline": offline,
+        # the seed's get_worker_stats() fields
+        "error_count": failed,
+        "success_rate": round(100.0 * stored / (stored + failed), 2) if stored + failed else 100.0,
+        "connected_to_rabbitmq": gw.amqp.connected.is_set(),
+        "node_counts": {"online": online, "offline": offline, "total": online + offline},
+        "offline_threshold_seconds": gw.settings.presence.offline_threshold_s,
+        "worker_pid": os.getpid(),
     }
 
 
