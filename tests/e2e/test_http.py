@@ -110,7 +110,7 @@ async def test_probes_metrics_and_stats(
         response = await http.get(path)
         assert response.status_code == 200, (path, response.text)
     health = (await http.get("/health")).json()
-    assert health["status"] == "healthy"
+    assert health["status"] == "healthy" and health["platform"] == "enterprise_iot"
     assert health["services"]["rabbitmq"]["connected"] is True
     assert health["services"]["rabbitmq"]["consumers"]["sensor_data_enhanced"] >= 1
     assert health["services"]["database"]["connected"] is True

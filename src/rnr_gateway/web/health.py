@@ -123,13 +123,14 @@ def _probe(ok: bool, **details: Any) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Legacy shape: one status and one object per service."""
+    """Legacy shape (the seed's ``status`` and ``platform``), one object per service."""
     _open(request)
     db_ok = await _database_ok(request)
     amqp, mqtt, worker = rabbitmq_state(request), mqtt_state(request), worker_state(request)
     ok = db_ok and amqp["connected"] and (mqtt["connected"] or not mqtt["configured"])
     return _probe(
         ok,
+        platform="enterprise_iot",
         services={
             "rabbitmq": amqp,
             "mqtt": mqtt,
