@@ -67,8 +67,16 @@ async def test_legacy_action_body_to_executed_over_http(
             "/api/esp32/command/AABBCCDDEEFF", json={"action": "REBOOT"}, headers=COMMAND
         )
         assert legacy.status_code == 202
+        seed_path = await http.post(
+            "/api/esp32/esp32/command/AABBCCDDEEFF", json={"action": "PING"}, headers=COMMAND
+        )
+        assert seed_path.status_code == 202
         listed = (await http.get("/api/nodes/AABBCCDDEEFF/commands", headers=READ)).json()
-        assert {c["message_id"] for c in listed} >= {mid, legacy.json()["message_id"]}
+        assert {c["message_id"] for c in listed} >= {
+            mid,
+            legacy.json()["message_id"],
+            seed_path.json()["message_id"],
+        }
 
 
 async def test_command_errors_and_scopes(http: httpx.AsyncClient, gw: Gateway) -> None:

@@ -117,6 +117,8 @@ async def cancel(request: Request) -> Response:
 routes = [
     Route("/api/nodes/{node_id}/actions", send_action, methods=["POST"]),
     Route("/api/esp32/command/{node_id}", send_action, methods=["POST"]),  # legacy alias
+    # the path the seed really served (its ESP32 router carried the prefix twice)
+    Route("/api/esp32/esp32/command/{node_id}", send_action, methods=["POST"]),
     Route("/api/nodes/{node_id}/commands", node_commands, methods=["GET"]),
     Route("/api/commands/broadcast", broadcast, methods=["POST"]),
     Route("/api/commands/{message_id}", get_command, methods=["GET"]),
