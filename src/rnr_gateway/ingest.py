@@ -361,7 +361,7 @@ def classify(queue: str, message: AbstractIncomingMessage, now: datetime) -> Acc
     if queue == topology.FAILED_QUEUE:
         return _dead_letter(message)
     try:
-        return Accepted(decode(routing_key, message.body), now)
+        return Accepted(decode(routing_key, message.body), now, bool(message.redelivered))
     except BadMessage as exc:
         return Failed(queue, routing_key, _headers(message), message.body, exc.reason, exc.detail)
 

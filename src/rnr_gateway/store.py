@@ -21,21 +21,31 @@ MAX_FAILED_BODY = 16_384
 # One statement per batch: atomic on its own (no BEGIN/COMMIT round trips), and the
 # database does the per-node aggregation. In-batch repeats of a key are dropped before
 # (``_unique``), so joining the inserted keys back to the batch finds each row once.
+# A message without a key that the broker redelivers (a crash between commit and ack)
+# is skipped when the same node's identical payload was stored within the queue's TTL.
 WRITE_BATCH = """
 WITH m AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::float8[],
-                $6::int[], $7::int8[], $8::text[], $9::text[], $10::text[])
-         WITH ORDINALITY AS m(n, d, r, k, t, b, s, st, fw, mac, i)
+                $6::int[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::bool[])
+         WITH ORDINALITY AS m(n, d, r, k, t, b, s, st, fw, mac, rd, i)
+),
+seen AS (
+    SELECT m.i FROM m
+    WHERE m.rd AND (m.b IS NULL OR m.s IS NULL) AND EXISTS (
+        SELECT 1 FROM sensor_data old
+        WHERE old.node_id = m.n AND old.received_at > m.r - interval '1 hour'
+          AND old.data = m.d::jsonb)
 ),
 ins AS (
     INSERT INTO sensor_data (node_id, data, received_at, kind, ts, boot, seq)
-    SELECT n, d::jsonb, r, k, t, b, s FROM m
+    SELECT n, d::jsonb, r, k, t, b, s FROM m WHERE m.i NOT IN (SELECT i FROM seen)
     ON CONFLICT (node_id, boot, seq) WHERE boot IS NOT NULL AND seq IS NOT NULL DO NOTHING
     RETURNING node_id, boot, seq
 ),
 fresh AS (
-    SELECT m.* FROM m WHERE m.b IS NULL OR m.s IS NULL
+    SELECT m.* FROM m
+    WHERE (m.b IS NULL OR m.s IS NULL) AND m.i NOT IN (SELECT i FROM seen)
     UNION ALL
     SELECT m.* FROM m JOIN ins ON ins.node_id = m.n AND ins.boot = m.b AND ins.seq = m.s
 ),
@@ -65,8 +75,8 @@ recorded AS (
     INSERT INTO failed_messages (fingerprint, source, routing_key, headers, body,
                                  body_truncated, reason, detail, count)
     SELECT f, src, rk, h::jsonb, b, tr, rsn, dt, c
-    FROM unnest($11::bytea[], $12::text[], $13::text[], $14::text[], $15::bytea[],
-                $16::bool[], $17::text[], $18::text[], $19::int[])
+    FROM unnest($12::bytea[], $13::text[], $14::text[], $15::text[], $16::bytea[],
+                $17::bool[], $18::text[], $19::text[], $20::int[])
          AS x(f, src, rk, h, b, tr, rsn, dt, c)
     ON CONFLICT (fingerprint) DO UPDATE SET
         count = failed_messages.count + EXCLUDED.count,
@@ -82,6 +92,9 @@ SELECT i FROM fresh ORDER BY i
 class Accepted:
     message: Decoded
     received_at: datetime
+    # the broker delivered it before (to a consumer that did not ack it): for a message
+    # without (boot, seq) an identical payload stored lately is taken as this one
+    redelivered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +140,8 @@ def _unique(rows: Sequence[Accepted]) -> Sequence[Accepted]:
 
 
 def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
-    cols: list[list[Any]] = [[], [], [], [], [], [], [], [], [], []]
-    (node, data, received, kind, ts, boot, seq, status, fw, mac) = cols
+    cols: list[list[Any]] = [[], [], [], [], [], [], [], [], [], [], []]
+    (node, data, received, kind, ts, boot, seq, status, fw, mac, redelivered) = cols
     for row in rows:
         m = row.message
         node.append(m.node_id)
@@ -143,6 +156,7 @@ def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
         status.append("offline" if m.offline else "online")
         fw.append(m.fw)
         mac.append(mac_address(m.node_id))
+        redelivered.append(row.redelivered)
     return cols
 
 

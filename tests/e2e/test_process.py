@@ -140,13 +140,15 @@ async def broker(
 async def start_and_wait(
     gw: GatewayProcess, broker: Broker, env: dict[str, str], within: float = 20
 ) -> None:
-    """Start the process and wait until the broker reports its consumer on the data queue."""
+    """Start the process and wait until it says it runs (its start-up, consumer checks
+    included, is over) and the broker reports its consumer on the data queue."""
     await gw.start(env)
 
-    async def probe() -> tuple[int | None, int]:
-        return gw.returncode, await broker.consumers()
+    async def probe() -> tuple[int | None, bool]:
+        running = gw.log_path.read_text(errors="replace").count("gateway running:")
+        return gw.returncode, running >= gw.starts and await broker.consumers() >= 1
 
-    rc, _ = await eventually(probe, lambda v: v[0] is not None or v[1] >= 1, within=within)
+    rc, _ = await eventually(probe, lambda v: v[0] is not None or v[1], within=within)
     assert rc is None, f"gateway exited with {rc} while starting\n{gw.tail()}"
 
 
@@ -173,14 +175,25 @@ class Fleet:
         return report
 
 
-def fleet(settings: Settings, unique: str, *, nodes: int, count: int, rate_hz: float) -> Fleet:
+def fleet(
+    settings: Settings,
+    unique: str,
+    *,
+    nodes: int,
+    count: int,
+    rate_hz: float,
+    legacy: bool = False,
+) -> Fleet:
+    """Enhanced nodes (keyed by boot and seq), or legacy ones (no key) publishing at QoS 1
+    so that every reading the broker accepted is known."""
     return Fleet(
         FleetConfig.from_settings(
             settings,
             nodes=nodes,
             count=count,
             rate_hz=rate_hz,
-            legacy_share=0,
+            legacy_share=1 if legacy else 0,
+            qos=1,
             readings_only=True,
             node_prefix=f"P{unique[:8]}",
             boot=7,
@@ -234,7 +247,8 @@ async def drained(
     db: asyncpg.Connection, broker: Broker, report: FleetReport, within: float = 45
 ) -> None:
     """Wait until every confirmed reading is stored and the data queue is empty."""
-    want = len(confirmed_keys(report))
+    # legacy nodes have no seq to confirm: every one they sent without an error counts
+    want = len(confirmed_keys(report)) + sum(n.sent - n.errors for n in report.nodes if n.legacy)
 
     async def probe() -> tuple[int, int]:
         return await readings(db), await broker.ready()
@@ -348,12 +362,15 @@ def through(url: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{port}"))
 
 
+# legacy readings carry no (boot, seq): their redeliveries are recognised by payload
+@pytest.mark.parametrize("legacy", [False, True], ids=["enhanced", "legacy"])
 async def test_deliveries_committed_but_not_acked_are_redelivered_and_stored_once(
     settings: Settings,
     unique: str,
     db: asyncpg.Connection,
     broker: Broker,
     gateway_process: GatewayProcess,
+    legacy: bool,
 ) -> None:
     prefetch = settings.amqp.prefetch
     amqp = urlsplit(settings.amqp.url.value)
@@ -362,10 +379,13 @@ async def test_deliveries_committed_but_not_acked_are_redelivered_and_stored_onc
         await start_and_wait(gateway_process, broker, env)
         proxy.holding = True  # from now on the broker hears nothing from the gateway
 
-        devices = fleet(settings, unique, nodes=3, count=200, rate_hz=0)
+        devices = fleet(settings, unique, nodes=3, count=200, rate_hz=0, legacy=legacy)
         devices.start()
         report = await devices.finish()
-        assert len(confirmed_keys(report)) == 600
+        if legacy:
+            assert report.sent == 600 and report.errors == 0  # QoS 1: each one PUBACKed
+        else:
+            assert len(confirmed_keys(report)) == 600
         # the broker stops at prefetch unacked deliveries; the gateway commits all of them
         committed = await eventually(lambda: readings(db), lambda n: n >= prefetch, within=20)
         assert committed == prefetch, "acks reached the broker through a holding proxy"
@@ -379,7 +399,20 @@ async def test_deliveries_committed_but_not_acked_are_redelivered_and_stored_onc
     await start_and_wait(gateway_process, broker, env_for(settings))
     await drained(db, broker, report)
     assert await readings(db) == 600
-    await assert_stored_exactly_once(db, report)
+    if legacy:
+        readings_of = dict(
+            await db.fetch(
+                "SELECT node_id, count(*) FROM sensor_data WHERE kind = 'reading' GROUP BY 1"
+            )
+        )
+        assert readings_of == {n.node_id: 200 for n in report.nodes}
+        distinct = "SELECT count(DISTINCT data) FROM sensor_data WHERE kind = 'reading'"
+        assert await db.fetchval(distinct) == 600
+        # redeliveries are not counted as messages either (status messages are)
+        rows = dict(await db.fetch("SELECT node_id, count(*) FROM sensor_data GROUP BY 1"))
+        assert dict(await db.fetch("SELECT node_id, message_count FROM nodes")) == rows
+    else:
+        await assert_stored_exactly_once(db, report)
     stats = await acked_stats(broker, 600)
     assert stats["redeliver"] >= prefetch, stats  # the committed ones came back
 

@@ -136,3 +136,30 @@ async def test_repeats_in_one_batch_count_once_with_fresh_rows_in_batch_order(
     counts = dict(await db.fetch("SELECT node_id, message_count FROM nodes"))
     assert counts == {"N1": 3, "LEGACY1": 2}
     assert await db.fetchval("SELECT count(*) FROM failed_messages") == 1
+
+
+async def test_a_redelivered_message_without_a_key_is_stored_once(
+    db: asyncpg.Connection,
+) -> None:
+    def legacy(body: dict[str, object], *, redelivered: bool, seconds: float = 0) -> Accepted:
+        at = NOW + timedelta(seconds=seconds)
+        return Accepted(decode("devices.AABBCCDDEEFF.data", orjson.dumps(body)), at, redelivered)
+
+    first = {"temperature": 21.5, "uptime": 1000}
+    await store.write_batch(db, [legacy(first, redelivered=False)], [])
+    # the broker hands it again after a crash between commit and ack: already stored
+    again = await store.write_batch(
+        db,
+        [legacy(first, redelivered=True, seconds=30), legacy({"uptime": 2000}, redelivered=True)],
+        [],
+    )
+    assert (again.inserted, again.duplicates) == (1, 1)
+    assert [r.message.data for r in again.stored] == [{"uptime": 2000}]
+    # the same payload again, not a redelivery: a message of its own (legacy nodes repeat)
+    repeat = await store.write_batch(db, [legacy(first, redelivered=False, seconds=60)], [])
+    assert (repeat.inserted, repeat.duplicates) == (1, 0)
+    # a redelivery whose payload was stored more than the queue's TTL (1 h) ago is new
+    late = await store.write_batch(db, [legacy(first, redelivered=True, seconds=7300)], [])
+    assert late.inserted == 1
+    assert await db.fetchval("SELECT count(*) FROM sensor_data") == 4
+    assert await db.fetchval("SELECT message_count FROM nodes") == 4

@@ -74,7 +74,7 @@ def test_message_columns() -> None:
 
 
 def test_message_columns_of_nothing() -> None:
-    assert _message_columns([]) == [[] for _ in range(10)]
+    assert _message_columns([]) == [[] for _ in range(11)]
 
 
 # -- in-batch repeats ---------------------------------------------------------------------
