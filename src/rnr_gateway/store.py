@@ -22,7 +22,8 @@ MAX_FAILED_BODY = 16_384
 # database does the per-node aggregation. In-batch repeats of a key are dropped before
 # (``_unique``), so joining the inserted keys back to the batch finds each row once.
 # A message without a key that the broker redelivers (a crash between commit and ack)
-# is skipped when the same node's identical payload was stored within the queue's TTL.
+# is skipped when the same node's identical payload was stored within the queue's TTL,
+# if its payload tells it apart from the node's other messages (``_self_identifying``).
 WRITE_BATCH = """
 WITH m AS (
     SELECT *
@@ -156,8 +157,23 @@ def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
         status.append("offline" if m.offline else "online")
         fw.append(m.fw)
         mac.append(mac_address(m.node_id))
-        redelivered.append(row.redelivered)
+        redelivered.append(row.redelivered and _self_identifying(m))
     return cols
+
+
+def _self_identifying(m: Decoded) -> bool:
+    """A payload without (boot, seq) that still names its moment: the node's uptime, or a
+    timestamp. Two such payloads that are identical are one message. A bare status word,
+    a ping or an event stamped "unknown" repeats for real, and is never taken for a
+    redelivery of an earlier one."""
+    if m.boot is not None and m.seq is not None:
+        return False
+    if isinstance(m.data.get("uptime"), int):
+        return True
+    stamp = m.data.get("timestamp")
+    return isinstance(stamp, int | float) or (
+        isinstance(stamp, str) and stamp not in ("", "unknown")
+    )
 
 
 def fingerprint(source: str, routing_key: str, body: bytes) -> bytes:

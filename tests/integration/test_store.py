@@ -163,3 +163,24 @@ async def test_a_redelivered_message_without_a_key_is_stored_once(
     assert late.inserted == 1
     assert await db.fetchval("SELECT count(*) FROM sensor_data") == 4
     assert await db.fetchval("SELECT message_count FROM nodes") == 4
+
+
+async def test_payloads_that_repeat_for_real_are_never_taken_for_a_redelivery(
+    db: asyncpg.Connection,
+) -> None:
+    def at(body: bytes, ch: str, seconds: float, redelivered: bool) -> Accepted:
+        message = decode(f"devices.AABBCCDDEEFF.{ch}", body)
+        return Accepted(message, NOW + timedelta(seconds=seconds), redelivered)
+
+    repeating = [
+        (b"offline", "status"),  # an LWT like the one before
+        (b'{"test": "ping"}', "data"),
+        (b'{"temperature": 20.5}', "data"),  # no uptime, no timestamp
+        (b'{"status": "relay3_on", "timestamp": "unknown", "free_heap": 1}', "data"),
+    ]
+    for body, ch in repeating:
+        await store.write_batch(db, [at(body, ch, 0, False)], [])
+        # redelivered (its first delivery never committed): a message of its own
+        again = await store.write_batch(db, [at(body, ch, 60, True)], [])
+        assert (again.inserted, again.duplicates) == (1, 0), body
+    assert await db.fetchval("SELECT count(*) FROM sensor_data") == 2 * len(repeating)
