@@ -41,6 +41,7 @@ from .services import (
     drop_database,
     machine,
     postgres_processes,
+    running,
     with_path,
 )
 
@@ -271,20 +272,6 @@ async def acks_drained(settings: Settings) -> AsyncIterator[None]:
             yield
         finally:
             await queue.cancel(tag)
-
-
-@contextlib.asynccontextmanager
-async def running(gateway: Gateway) -> AsyncIterator[Gateway]:
-    task = asyncio.create_task(gateway.run())
-    started = asyncio.create_task(gateway.started.wait())
-    await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    try:
-        yield gateway
-    finally:
-        gateway.request_stop()
-        await asyncio.wait_for(task, 60)
 
 
 async def settled(gw: Gateway) -> None:

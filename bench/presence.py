@@ -42,6 +42,8 @@ from rnr_gateway.metrics import Metrics
 from rnr_gateway.presence import TICK_CHUNK, Presence, Transition
 from rnr_gateway.settings import PresenceSettings
 
+from .measure import peak_rss_mib
+
 INTERVALS = ((2.0, 0.4), (5.0, 0.4), (30.0, 0.2))  # report interval (s), share of nodes
 JITTER = 0.1
 START = 1_800_000_000.0  # clock epoch of the simulation
@@ -104,14 +106,6 @@ class SinkDb:
 
 def rss_mib() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Fleet:
@@ -234,7 +228,7 @@ async def run(sc: Scenario, say: Callable[[str], None]) -> Figures:
             say(f"  clock +{now - START:.0f} s of {window_end - START:.0f} s")
     fig.expected_offline = len(fleet.silent)
     fig.detected = len(fig.delays_s) + len(fig.burst_delays_s)
-    fig.peak_rss_mib = peak_rss_mib()
+    fig.peak_rss_mib = peak_rss_mib(os.getpid()) or 0.0
     fig.took_s = time.perf_counter() - started
     return fig
 

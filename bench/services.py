@@ -1,15 +1,17 @@
-"""The shared services a benchmark touches: a fresh vhost and database per scenario, the
-broker's open-files limit, and the machine description printed with the results."""
+"""The shared services a benchmark (and the test suite) touches: a fresh vhost and
+database per scenario, the broker's open-files limit, a gateway run in this event loop,
+and the machine description printed with the results."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
@@ -18,6 +20,9 @@ import psutil
 
 from rnr_gateway import topology
 from rnr_gateway.db import migrate
+
+if TYPE_CHECKING:
+    from rnr_gateway.gateway import Gateway
 
 Say = Callable[[str], None]
 ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
@@ -223,3 +228,24 @@ def revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{head} (src/ with uncommitted changes)" if dirty else head
+
+
+@contextlib.asynccontextmanager
+async def running(gateway: Gateway, within: float = 30) -> AsyncIterator[Gateway]:
+    """Run a gateway in this event loop for the block; stop it (staged) afterwards."""
+    task = asyncio.create_task(gateway.run(), name="gateway")
+    started = asyncio.create_task(gateway.started.wait())
+    await asyncio.wait({task, started}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()  # its exception, if it failed to start
+    if not gateway.started.is_set():
+        started.cancel()
+        gateway.request_stop()
+        await asyncio.wait_for(task, 60)
+        raise RuntimeError(f"the gateway did not start within {within:g} s")
+    try:
+        yield gateway
+    finally:
+        gateway.request_stop()
+        await asyncio.wait_for(task, 60)

@@ -52,21 +52,20 @@ from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Secret, Settings
 from rnr_gateway.simulate import reading
 
-from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, with_path
+from .measure import peak_rss_mib
+from .services import (
+    ADMIN_URL,
+    BrokerAdmin,
+    create_database,
+    drop_database,
+    running,
+    with_path,
+)
 from .ws_report import SAMPLE_S, Outcome, Scenario, line, render
 
 
 def say(text: str) -> None:
     print(f"[ws {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def peak_rss_mib() -> float:
-    """VmHWM: this process's resident-set high-water mark."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def total(metric: Counter) -> float:
@@ -295,22 +294,6 @@ def gateway_settings(base: Settings, name: str, db_url: str, token: str) -> Sett
     )
 
 
-@contextlib.asynccontextmanager
-async def running(gw: Gateway) -> AsyncIterator[Gateway]:
-    task = asyncio.create_task(gw.run(), name="gateway")
-    started = asyncio.create_task(gw.started.wait())
-    await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    if not gw.started.is_set():
-        raise SystemExit("bench: the gateway did not start within 30 s")
-    try:
-        yield gw
-    finally:
-        gw.request_stop()
-        await asyncio.wait_for(task, 60)
-
-
 def plan(args: argparse.Namespace) -> list[Scenario]:
     n, w = args.clients, args.window
     hub = [Scenario("hub", rate, n, 0, w) for rate in args.hub_rates]
@@ -382,7 +365,7 @@ def run() -> None:
     args = parse()
     started = time.monotonic()
     outcomes = asyncio.run(main(args))
-    args.vmhwm_mib = peak_rss_mib()
+    args.vmhwm_mib = peak_rss_mib(os.getpid()) or 0.0
     text = render(outcomes, args, time.monotonic() - started)
     print(text)
     if args.report:

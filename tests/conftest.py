@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import asyncpg
 import pytest
-from bench.services import ADMIN_URL, BrokerAdmin, with_path
+from bench.services import ADMIN_URL, BrokerAdmin, running, with_path
 
 from rnr_gateway.db import migrate
 from rnr_gateway.gateway import Gateway
@@ -162,23 +162,6 @@ def env_for(settings: Settings) -> dict[str, str]:
         LOG_LEVEL="INFO",
     )
     return env
-
-
-@contextlib.asynccontextmanager
-async def running(gateway: Gateway) -> AsyncIterator[Gateway]:
-    """Run a gateway in this event loop for the block; stop it (staged) afterwards."""
-    task = asyncio.create_task(gateway.run(), name="gateway-under-test")
-    started = asyncio.create_task(gateway.started.wait())
-    await asyncio.wait({task, started}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        task.result()
-    assert gateway.started.is_set(), "gateway did not start within 20 s"
-    try:
-        yield gateway
-    finally:
-        gateway.request_stop()
-        await asyncio.wait_for(task, timeout=30)
 
 
 @pytest.fixture

@@ -307,7 +307,7 @@ def summarise(gateway: Gateway, confirmed: set[Key], uncertain: set[Key], stored
 
 
 def gateway_alive() -> bool:
-    return any(t.get_name() == "gateway-under-test" for t in asyncio.all_tasks())
+    return any(t.get_name() == "gateway" for t in asyncio.all_tasks())  # bench.services.running
 
 
 async def rows_grow(database: str, by: int, within: float = 20.0) -> None:
