@@ -46,7 +46,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import psutil
-from prometheus_client import Counter
 
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Secret, Settings
@@ -66,10 +65,6 @@ from .ws_report import SAMPLE_S, Outcome, Scenario, line, render
 
 def say(text: str) -> None:
     print(f"[ws {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def total(metric: Counter) -> float:
-    return sum(s.value for m in metric.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 def cpu_self() -> float:
@@ -237,7 +232,8 @@ class Bench:
         """Warm-up, then the window; queues and counters are sampled from the source's start
         (``t+`` in the timeline), every figure else only in the window."""
         gw, out, me = self.gw, Outcome(sc), psutil.Process()
-        overflows0, closed0 = total(gw.metrics.ws_overflows), total(gw.metrics.ws_closed_slow)
+        m = gw.metrics
+        overflows0, closed0 = m.total(m.ws_overflows), m.total(m.ws_closed_slow)
         t0, state, last_say = time.monotonic(), (len(gw.hub.clients), 0.0, 0.0), 0.0
         window: tuple[float, float, Any, int] | None = None  # start, CPU, cpu_times, published
         while (elapsed := time.monotonic() - t0) < self.warmup_s + sc.window_s:
@@ -249,8 +245,8 @@ class Bench:
                 out.rss_peak_mib = max(out.rss_peak_mib, me.memory_info().rss / 2**20)
             deepest = max((c.queue.qsize() for c in gw.hub.clients), default=0)
             out.stalled_queue_max = max(out.stalled_queue_max, deepest)
-            overflows = total(gw.metrics.ws_overflows) - overflows0
-            closed = total(gw.metrics.ws_closed_slow) - closed0
+            overflows = gw.metrics.total(gw.metrics.ws_overflows) - overflows0
+            closed = gw.metrics.total(gw.metrics.ws_closed_slow) - closed0
             mark = (
                 f"t+{elapsed:4.1f} s: {len(gw.hub.clients)} clients, deepest queue {deepest}, "
                 f"{overflows:.0f} overflows (resync sent), {closed:.0f} closed as too slow"
@@ -269,8 +265,8 @@ class Bench:
         machine1 = psutil.cpu_times()
         idle = (machine1.idle - machine0.idle) + (machine1.iowait - machine0.iowait)
         out.busy_cores = (os.cpu_count() or 1) - idle / length
-        out.overflows = total(gw.metrics.ws_overflows) - overflows0
-        out.closed_slow = total(gw.metrics.ws_closed_slow) - closed0
+        out.overflows = gw.metrics.total(gw.metrics.ws_overflows) - overflows0
+        out.closed_slow = gw.metrics.total(gw.metrics.ws_closed_slow) - closed0
         out.published = self.published[0] - published0
         return out
 

@@ -113,3 +113,10 @@ class Metrics:
         """Current value of a sample (0 when absent): for stats, health and tests."""
         got = self.registry.get_sample_value(name, labels or {})
         return 0.0 if got is None else got
+
+    @staticmethod
+    def total(counter: Counter) -> float:
+        """A counter's value summed over all its labels."""
+        return sum(
+            s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")
+        )

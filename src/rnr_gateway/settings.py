@@ -114,7 +114,7 @@ class HttpSettings:
     max_body_bytes: int = 10_240
     open_probes: bool = True  # /health* and /metrics without a token
     # permessage-deflate on /ws: every client's frames are compressed separately, which
-    # costs the gateway about half again the CPU of the fan-out (docs/benchmarks.md)
+    # cost the fan-out some 40 % more CPU (docs/benchmarks.md, WebSocket fan-out)
     ws_compression: bool = False
 
 

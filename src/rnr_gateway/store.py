@@ -33,7 +33,7 @@ WITH m AS (
 ),
 seen AS (
     SELECT m.i FROM m
-    WHERE m.rd AND (m.b IS NULL OR m.s IS NULL) AND EXISTS (
+    WHERE m.rd AND EXISTS (
         SELECT 1 FROM sensor_data old
         WHERE old.node_id = m.n AND old.received_at > m.r - interval '1 hour'
           AND old.data = m.d::jsonb)
@@ -157,7 +157,7 @@ def _message_columns(rows: Sequence[Accepted]) -> list[list[Any]]:
         status.append("offline" if m.offline else "online")
         fw.append(m.fw)
         mac.append(mac_address(m.node_id))
-        redelivered.append(row.redelivered and _self_identifying(m))
+        redelivered.append(row.redelivered and _self_identifying(m))  # rd: compare it
     return cols
 
 

@@ -59,14 +59,7 @@ def rabbitmq_state_of(gw: Gateway) -> dict[str, Any]:
         # the seed's get_connection_stats() fields
         "is_connected": connected,
         "reconnect_attempts": amqp.reconnect_attempts,
-        "messages_published": int(
-            sum(
-                sample.value
-                for metric in m.published.collect()
-                for sample in metric.samples
-                if sample.name.endswith("_total")
-            )
-        ),
+        "messages_published": int(m.total(m.published)),
         "failed_messages_count": amqp.publish_failures,
         "consuming": connected and any(consumers.values()),
         "heartbeat_interval": amqp.settings.heartbeat_s,
