@@ -20,9 +20,9 @@ import time
 from typing import TYPE_CHECKING
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 
 from . import outbox, store, topology
+from .amqp import Inbound
 from .command_codec import (
     CommandRecord,
     Moved,
@@ -47,10 +47,10 @@ INTAKE_GRACE_S = 2.0
 class Intake:
     def __init__(self, commands: Commands) -> None:
         self.c = commands
-        self._queue: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._queue: asyncio.Queue[Inbound] = asyncio.Queue()
         self._ours: dict[str, tuple[Pending, float]] = {}  # published, not yet delivered back
 
-    def submit(self, message: AbstractIncomingMessage) -> None:
+    def submit(self, message: Inbound) -> None:
         """The consumer callback of the command queue; never blocks."""
         self._queue.put_nowait(message)
 
@@ -106,7 +106,7 @@ class Intake:
     async def drain(self) -> None:
         await self._queue.join()
 
-    async def _take(self, message: AbstractIncomingMessage) -> None:
+    async def _take(self, message: Inbound) -> None:
         mid = message.message_id or ""
         if mid in self._ours:
             self._offer_ours(mid)
@@ -117,7 +117,7 @@ class Intake:
         with contextlib.suppress(Exception):  # a lost channel redelivers; offers are idempotent
             await message.ack()
 
-    async def _adopt(self, message: AbstractIncomingMessage) -> Pending | None:
+    async def _adopt(self, message: Inbound) -> Pending | None:
         """A command this process did not route: into the outbox (once), then dispatch."""
         try:
             new = self._parse(message)
@@ -138,7 +138,7 @@ class Intake:
             return None  # already sent or finished (a redelivery, a replayed dead letter)
         return pending_of(row)
 
-    def _parse(self, message: AbstractIncomingMessage) -> NewCommand:
+    def _parse(self, message: Inbound) -> NewCommand:
         prefix, _, node_id = (message.routing_key or "").partition(".")
         if prefix != "commands" or not valid_node_id(node_id):
             raise BadMessage(
@@ -164,7 +164,7 @@ class Intake:
         return NewCommand.create(node_id, body, options, message_id=mid, source="amqp")
 
 
-def failed_record(queue: str, message: AbstractIncomingMessage, exc: GatewayError) -> Failed:
+def failed_record(queue: str, message: Inbound, exc: GatewayError) -> Failed:
     """A failed_messages row (PROTOCOL §6) for a message that cannot be processed."""
     reason = exc.reason if isinstance(exc, BadMessage) else getattr(exc, "code", "invalid")
     return Failed(
@@ -178,7 +178,7 @@ def failed_record(queue: str, message: AbstractIncomingMessage, exc: GatewayErro
 
 
 async def record_failed(
-    commands: Commands, queue: str, message: AbstractIncomingMessage, exc: GatewayError
+    commands: Commands, queue: str, message: Inbound, exc: GatewayError
 ) -> None:
     """Into failed_messages with its reason, then it is acked."""
     failed = failed_record(queue, message, exc)

@@ -22,10 +22,10 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge
 
 from . import outbox, store, topology
+from .amqp import Inbound
 from .command_codec import (
     TERMINAL,
     Ack,
@@ -71,7 +71,7 @@ class Inferred:
     event: str
 
 
-Item = AbstractIncomingMessage | Inferred | Pending  # Pending: a command the broker PUBACKed
+Item = Inbound | Inferred | Pending  # Pending: a command the broker PUBACKed
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +114,7 @@ class Tracker:
         self.transitions.labels(moved.status).inc()
 
     # -- input (called from consumers / ingest; never blocks) -----------------------------
-    def submit(self, message: AbstractIncomingMessage) -> None:
+    def submit(self, message: Inbound) -> None:
         self._queue_of(message.routing_key or "").put_nowait(message)
 
     def _queue_of(self, routing_key: str) -> asyncio.Queue[Item]:
@@ -163,7 +163,7 @@ class Tracker:
     async def _process(self, batch: list[Item]) -> None:
         todos: list[Todo] = []
         failed: list[Failed] = []
-        messages: list[AbstractIncomingMessage] = []
+        messages: list[Inbound] = []
         for item in batch:
             if isinstance(item, Pending | Inferred):
                 todos.append(_todo(item))

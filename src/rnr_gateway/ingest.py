@@ -9,6 +9,7 @@ The ack/skip decision for every delivery is made here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -19,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
 from . import store, topology
+from .amqp import Inbound
 from .codec import decode
 from .db import TRANSIENT, Database
 from .errors import BadMessage, DependencyUnavailable
@@ -40,7 +41,7 @@ OnStored = Callable[[Sequence[Accepted]], None]
 @dataclass(frozen=True, slots=True)
 class Delivery:
     queue: str
-    message: AbstractIncomingMessage
+    message: Inbound
     received: float  # monotonic
 
 
@@ -56,7 +57,11 @@ class Ingest:
         self.db = db
         self.metrics = metrics
         self.on_stored = list(on_stored)
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        # deliveries not yet taken by a writer; `_arrived` is set while there are any,
+        # `_full` while a whole batch waits (it ends a writer's linger early)
+        self._pending: deque[Delivery] = deque()
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,7 +75,7 @@ class Ingest:
         # message costs more than the rest of submit)
 
     # called by the AMQP consumer for each delivery; must not block
-    def submit(self, queue: str, message: AbstractIncomingMessage) -> None:
+    def submit(self, queue: str, message: Inbound) -> None:
         consumed = self._consumed.get(queue)
         if consumed is None:
             consumed = self._consumed[queue] = self.metrics.consumed.labels(queue)
@@ -78,11 +83,15 @@ class Ingest:
         self.metrics.in_client.inc()
         self._idle.clear()
         self._acks.track(message)
-        self._queue.put_nowait(Delivery(queue, message, time.monotonic()))
+        pending = self._pending
+        pending.append(Delivery(queue, message, time.monotonic()))
+        self._arrived.set()
+        if len(pending) >= self.settings.batch_max:
+            self._full.set()
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -93,7 +102,7 @@ class Ingest:
         """Wait until every delivery taken so far is committed and acked (or timeout)."""
         try:
             async with asyncio.timeout(timeout_s):
-                while self._queue.qsize() or self._busy:
+                while self._pending or self._busy:
                     self._idle.clear()
                     await self._idle.wait()
         except TimeoutError:
@@ -118,24 +127,22 @@ class Ingest:
                 turn.set_result(None)
                 self._busy -= 1
                 self.metrics.in_client.dec(len(batch))
-                if not self._busy and not self._queue.qsize():
+                if not self._busy and not self._pending:
                     self._idle.set()
 
     async def _take(self) -> list[Delivery]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self.settings.linger_ms / 1000
-        while len(batch) < self.settings.batch_max:
-            if self._queue.qsize():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(remaining):
-                    batch.append(await self._queue.get())
-            except TimeoutError:
-                break
+        pending, most = self._pending, self.settings.batch_max
+        while not pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(pending) < most and self.settings.linger_ms > 0:
+            self._full.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.linger_ms / 1000):
+                    await self._full.wait()
+        batch = [pending.popleft() for _ in range(min(len(pending), most))]
+        if len(pending) < most:
+            self._full.clear()
         return batch
 
     async def _process(
@@ -261,7 +268,7 @@ class AckWindow:
         # writers ack one at a time, so a multiple ack never overtakes an older one
         self._lock = asyncio.Lock()
 
-    def track(self, message: AbstractIncomingMessage) -> None:
+    def track(self, message: Inbound) -> None:
         channel = _channel(message)
         if channel is None:
             return
@@ -272,7 +279,7 @@ class AckWindow:
             unacked = self._channels[channel] = _Unacked(channel)
         unacked.track(message)
 
-    async def ack(self, committed: Sequence[AbstractIncomingMessage]) -> tuple[int, int]:
+    async def ack(self, committed: Sequence[Inbound]) -> tuple[int, int]:
         """Ack what the commit releases; returns (deliveries acked, deliveries whose ack
         was lost with their channel: the broker redelivers those)."""
         acked = lost = 0
@@ -287,11 +294,9 @@ class AckWindow:
                     acked += covered
         return acked, lost
 
-    def settle(
-        self, committed: Sequence[AbstractIncomingMessage]
-    ) -> list[tuple[AbstractIncomingMessage, bool, int]]:
+    def settle(self, committed: Sequence[Inbound]) -> list[tuple[Inbound, bool, int]]:
         """(message, multiple, deliveries covered) for every ack the commit releases."""
-        out: list[tuple[AbstractIncomingMessage, bool, int]] = []
+        out: list[tuple[Inbound, bool, int]] = []
         touched: dict[int, _Unacked] = {}
         for message in committed:
             unacked = self._channels.get(_channel(message))
@@ -304,7 +309,7 @@ class AckWindow:
             out.extend(unacked.release())
         return out
 
-    def skip(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+    def skip(self, messages: Sequence[Inbound]) -> None:
         """Deliveries that stay unacked: no multiple ack may ever cover them."""
         for message in messages:
             unacked = self._channels.get(_channel(message))
@@ -313,7 +318,7 @@ class AckWindow:
                 unacked.pending.remove(message)
 
 
-def _channel(message: AbstractIncomingMessage) -> object | None:
+def _channel(message: Inbound) -> object | None:
     try:
         return message.channel
     except ChannelInvalidStateError:  # closed: its deliveries are the broker's again
@@ -325,7 +330,7 @@ class _Unacked:
 
     def __init__(self, channel: object) -> None:
         self.channel = channel
-        self.pending: deque[AbstractIncomingMessage] = deque()
+        self.pending: deque[Inbound] = deque()
         self.done: set[int] = set()
         self.last_tag = 0
         self.shared = False
@@ -334,14 +339,14 @@ class _Unacked:
     def closed(self) -> bool:
         return bool(getattr(self.channel, "is_closed", False))
 
-    def track(self, message: AbstractIncomingMessage) -> None:
+    def track(self, message: Inbound) -> None:
         tag = message.delivery_tag or 0
         if tag != self.last_tag + 1:
             self.shared = True
         self.last_tag = tag
         self.pending.append(message)
 
-    def release(self) -> list[tuple[AbstractIncomingMessage, bool, int]]:
+    def release(self) -> list[tuple[Inbound, bool, int]]:
         if self.shared:
             out = [(m, False, 1) for m in self.pending if m.delivery_tag in self.done]
             self.pending = deque(m for m in self.pending if m.delivery_tag not in self.done)
@@ -355,7 +360,7 @@ class _Unacked:
         return [(last, True, count)] if last is not None else []
 
 
-def classify(queue: str, message: AbstractIncomingMessage, now: datetime) -> Accepted | Failed:
+def classify(queue: str, message: Inbound, now: datetime) -> Accepted | Failed:
     """A delivery becomes a row to store, or a failed-message record with its reason."""
     routing_key = message.routing_key or ""
     if queue == topology.FAILED_QUEUE:
@@ -366,7 +371,7 @@ def classify(queue: str, message: AbstractIncomingMessage, now: datetime) -> Acc
         return Failed(queue, routing_key, _headers(message), message.body, exc.reason, exc.detail)
 
 
-def _dead_letter(message: AbstractIncomingMessage) -> Failed:
+def _dead_letter(message: Inbound) -> Failed:
     headers = _headers(message)
     deaths = headers.get("x-death")
     reason, source, routing_key = "dead_letter", "dlx", message.routing_key or ""
@@ -404,5 +409,5 @@ def _refused(row: Accepted, exc: BaseException) -> Failed:
     )
 
 
-def _headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+def _headers(message: Inbound) -> dict[str, Any]:
     return dict(message.headers or {})
