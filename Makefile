@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ENV_FILE ?= .env
 NODES ?= 20
 
-.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands clean
+.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands bench-drain clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ unit: venv
 # hold the machine's service lock: flock /tmp/rnr-test.lock make bench [BENCH_ARGS=--quick]
 bench: setup
 	$(BIN)/python -m bench.ingest --env-file $(ENV_FILE) $(BENCH_ARGS)
+
+# the consumer alone, draining a pre-filled queue: flock /tmp/rnr-test.lock make bench-drain
+bench-drain: setup
+	$(BIN)/python -m bench.drain --env-file $(ENV_FILE) --repeat 2 $(BENCH_ARGS)
 
 # in-process, no services (but a quiet machine): make bench-presence [BENCH_ARGS=--quick]
 bench-presence: venv

@@ -7,7 +7,7 @@ publisher confirms) into ``sensor_data_enhanced`` of a fresh vhost with no consu
 the consumer starts and drains them. Reported per pipeline: drain rate and the CPU
 seconds per 1 000 readings of the consumer, RabbitMQ and PostgreSQL while draining.
 
-    python -m bench.drain --env-file .env --readings 40000 --repeat 2
+    python -m bench.drain --env-file .env --readings 40000 --repeat 2   (make bench-drain)
 
 Pipelines: ``raw`` (``bench.raw`` as in ``bench.ingest``: aio-pika ``Queue.consume``),
 ``raw-aiormq`` (the same on aio-pika's underlying aiormq channel, as the gateway
@@ -34,7 +34,7 @@ from rnr_gateway.settings import Settings, read_env_file
 from rnr_gateway.simulate import FIRMWARE, reading
 from rnr_gateway.topology import DEVICE_EXCHANGE, SENSOR_QUEUE
 
-from .ingest import PREFIX, spawn, stop
+from .ingest import PREFIX, ROOT, spawn, stop
 from .measure import cpu_delta, cpu_snapshot
 from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, with_path
 
@@ -107,6 +107,7 @@ async def one(
             MQTT_USERNAME=f"{name}:{settings.mqtt.username or ''}",
             PREFETCH_COUNT=str(args.prefetch),
             HTTP_PORT="0",
+            PYTHONPATH=str(ROOT),
         )
         say(f"{pipeline}: publishing {args.readings:,} readings")
         await fill(env["RABBITMQ_URL"], args.readings, args.nodes)
