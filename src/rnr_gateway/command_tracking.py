@@ -175,6 +175,13 @@ class Tracker:
                 failed.append(failed_record(topology.ACK_QUEUE, item, exc))
         rounds = _rounds(todos)
         moved, unmatched = await self._retrying(lambda conn: _apply(conn, rounds, failed))
+        # committed: told at once, before anything else awaits, so whoever reads the row
+        # has been sent its event too
+        for m, source in moved:
+            if isinstance(source, Pending):
+                self._after_sent(m, source)
+            else:
+                self.c.emit(m)
         # only now that the transitions are committed; a lost channel redelivers (unmatched)
         await asyncio.gather(*(message.ack() for message in messages), return_exceptions=True)
         for record in failed:
@@ -190,7 +197,6 @@ class Tracker:
             )
         for m, source in moved:
             if isinstance(source, Pending):
-                self._after_sent(m, source)
                 continue
             if isinstance(source, Inferred):
                 log.info("command %s %s, inferred from %r", m.message_id, m.status, source.event)
@@ -199,8 +205,8 @@ class Tracker:
             await self._after(m)
 
     async def _after(self, moved: Moved) -> None:
-        """Effects of a committed ack or inference: event, node's slot, retained copy."""
-        self.c.emit(moved)
+        """Effects of a committed ack or inference (its event is out): the retained copy,
+        then the node's slot."""
         node, mid = moved.node_id, moved.message_id
         self._awaiting.get(node, {}).pop(mid, None)
         if moved.retain:
