@@ -110,6 +110,9 @@ class Consumer:
 
     queue: str
     on_message: Callable[[Inbound], None]
+    # what this consumer keeps in memory holds only if no other process consumes the
+    # queue too: a second consumer there gets a warning (once) at the consumer check
+    alone: str | None = None
 
 
 class Amqp:
@@ -134,6 +137,7 @@ class Amqp:
         self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
         self.reconnect_attempts = 0
         self.publish_failures = 0
+        self._shared: set[str] = set()  # queues whose sharing was warned about
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Amqp:
@@ -302,7 +306,22 @@ class Amqp:
             self.metrics.consumers.labels(name).set(counts[name])
             if counts[name] < 1:
                 raise GatewayError(f"broker reports no consumer on {name!r} after consume")
+        self._warn_shared(counts)
         return counts
+
+    def _warn_shared(self, counts: dict[str, int]) -> None:
+        for spec in self.consumers:
+            n = counts.get(spec.queue, 0)
+            if spec.alone is None or n <= 1:
+                self._shared.discard(spec.queue)
+            elif spec.queue not in self._shared:
+                self._shared.add(spec.queue)
+                log.warning(
+                    "%d consumers on %s: another process (a second gateway?) consumes it too; %s",
+                    n,
+                    spec.queue,
+                    spec.alone,
+                )
 
     async def _verify_consumers_or_reconnect(self) -> None:
         try:

@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SHARED_COMMANDS = (
+    "per-node command order and the in-flight limit then hold per instance only "
+    "(docs/commands.md, Limits); run commands on one gateway per vhost"
+)
 # receives {"type": "command_status", message_id, node_id, status, reason, timestamp}
 OnStatus = Callable[[dict[str, Any]], None]
 
@@ -229,8 +233,8 @@ class Commands:
     # -- wiring --------------------------------------------------------------------------
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(topology.COMMAND_QUEUE, self.intake.submit),
-            Consumer(topology.ACK_QUEUE, self.tracker.submit),
+            Consumer(topology.COMMAND_QUEUE, self.intake.submit, alone=SHARED_COMMANDS),
+            Consumer(topology.ACK_QUEUE, self.tracker.submit, alone=SHARED_COMMANDS),
         ]
 
     def on_stored(self, rows: Sequence[Any]) -> None:

@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 
 from rnr_gateway import topology
-from rnr_gateway.amqp import Amqp, Consumer
+from rnr_gateway.amqp import Amqp, Consumer, Inbound
 from rnr_gateway.errors import TopologyMismatch
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.metrics import Metrics
@@ -80,3 +80,35 @@ async def test_tokens_never_appear_in_logs(
     for token in [*TOKENS.values(), "some-wrong-token"]:
         assert token not in caplog.text
     assert settings.amqp.url.value.split("@")[0].split(":")[-1] not in caplog.text  # password
+
+
+async def test_a_second_consumer_on_a_queue_that_must_be_alone_is_a_warning(
+    settings: Settings, broker_admin: BrokerAdmin, caplog: pytest.LogCaptureFixture
+) -> None:
+    def ignore(message: Inbound) -> None:
+        pass
+
+    alone = Consumer(topology.ACK_QUEUE, ignore, alone="state is per instance")
+    shared = Consumer(topology.SENSOR_QUEUE, ignore)  # ingest: sharing is how it scales
+    async with Amqp(settings.amqp, Metrics(), [alone, shared]) as first:
+        assert await first.verify_consumers() == {topology.ACK_QUEUE: 1, topology.SENSOR_QUEUE: 1}
+        assert "consumers on" not in caplog.text
+        async with Amqp(settings.amqp, Metrics(), [alone, shared]) as second:
+            counts = await second.verify_consumers()
+            assert counts == {topology.ACK_QUEUE: 2, topology.SENSOR_QUEUE: 2}
+            await first.verify_consumers()
+            await second.verify_consumers()  # once per process, not at every check
+        expected = (
+            f"2 consumers on {topology.ACK_QUEUE}: another process (a second gateway?) "
+            "consumes it too; state is per instance"
+        )
+
+        def warnings() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "consumers on" in r.getMessage()]
+
+        assert warnings() == [expected] * 2  # each process said it once
+        # alone again, then shared again: said again
+        assert (await first.verify_consumers())[topology.ACK_QUEUE] == 1
+        async with Amqp(settings.amqp, Metrics(), [alone]):
+            await first.verify_consumers()
+        assert warnings() == [expected] * 4
