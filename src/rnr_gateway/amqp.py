@@ -127,7 +127,8 @@ class Amqp:
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
-        self._queues: dict[str, aiormq.abc.AbstractChannel] = {}  # queue → consuming channel
+        # queue → its consumer's channel (a strong reference, as for aio-pika's queues)
+        self._queues: dict[str, AbstractChannel] = {}
         self._tags: dict[str, str] = {}
         self._consuming = True
         self._lost = asyncio.Event()
@@ -290,7 +291,7 @@ class Amqp:
             underlay = await channel.get_underlay_channel()
             ok = await underlay.basic_consume(spec.queue, _adapt(spec.on_message), no_ack=False)
             self._tags[spec.queue] = str(ok.consumer_tag)
-            self._queues[spec.queue] = underlay
+            self._queues[spec.queue] = channel
         await self.verify_consumers()
         return channels
 
@@ -339,7 +340,7 @@ class Amqp:
                 continue
             try:
                 async with asyncio.timeout(self.settings.socket_timeout_s):
-                    await channel.basic_cancel(tag)
+                    await (await channel.get_underlay_channel()).basic_cancel(tag)
             except AMQP_FAILURE as exc:
                 log.debug("cancel of consumer on %s failed: %s", name, exc)
         self._tags.clear()

@@ -196,7 +196,7 @@ class Tracker:
                 why,
             )
         for m, source in moved:
-            if isinstance(source, Pending):
+            if isinstance(source, Pending) or m.status == "sent":  # or implied by an ack
                 continue
             if isinstance(source, Inferred):
                 log.info("command %s %s, inferred from %r", m.message_id, m.status, source.event)
@@ -377,10 +377,12 @@ async def _apply_rounds(
         await store.write_batch(conn, [], failed)
     for todos in rounds:
         done, why = await outbox.move_many(conn, [t.step for t in todos], utcnow())
-        by_id = {m.message_id: m for m in done}
+        by_id: dict[str, list[Moved]] = {}
+        for m in done:
+            by_id.setdefault(m.message_id, []).append(m)
         for t in todos:
             if t.step.message_id in by_id:
-                moved.append((by_id[t.step.message_id], t.source))
+                moved.extend((m, t.source) for m in by_id[t.step.message_id])
             elif isinstance(t.source, Ack):
                 unmatched.append((t.source, why.get(t.step.message_id, "unknown_command")))
     return moved, unmatched

@@ -8,7 +8,7 @@ cancel against a dispatch) is decided by the row lock, never by timing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -74,10 +74,18 @@ WITH i AS (
            OR (i.reopen AND c.status = 'expired' AND c.attempts > 0))
       AND (i.node IS NULL OR c.node_id = i.node)
       AND (NOT i.unsent OR c.attempts = 0)
-    RETURNING c.message_id, c.node_id, c.status, c.reason, c.retain, c.attempts
+    RETURNING c.message_id, c.node_id, c.status, c.reason, c.retain, c.attempts,
+        -- the node's ack came before our PUBACK was recorded: it was sent all the same
+        (i.delivered AND c.status <> 'sent' AND NOT EXISTS (
+            SELECT 1 FROM command_events e
+            WHERE e.message_id = c.message_id AND e.status = 'sent')) AS implied_sent
 ), ev AS (
     INSERT INTO command_events (message_id, status, reason, at)
-    SELECT message_id, status, reason, $11 FROM t
+    SELECT message_id, status, reason, $11 FROM (
+        SELECT message_id, 'sent' AS status, $13 AS reason, 1 AS o FROM t WHERE implied_sent
+        UNION ALL
+        SELECT message_id, status, reason, 2 FROM t
+    ) x ORDER BY o  -- ids in that order: sent, then what the ack says
 ), u AS (
     INSERT INTO command_acks_unmatched (node_id, message_id, status, detail, reason)
     SELECT i.node, i.mid, i.ack, i.detail,
@@ -88,10 +96,12 @@ WITH i AS (
     WHERE i.ack IS NOT NULL AND i.mid NOT IN (SELECT message_id FROM t)
     RETURNING message_id, reason
 )
-SELECT message_id, node_id, status, reason, retain, attempts, NULL AS unmatched FROM t
+SELECT message_id, node_id, status, reason, retain, attempts, implied_sent,
+       NULL AS unmatched FROM t
 UNION ALL
-SELECT message_id, NULL, NULL, NULL, NULL, NULL, reason FROM u
+SELECT message_id, NULL, NULL, NULL, NULL, NULL, NULL, reason FROM u
 """
+IMPLIED_SENT = "delivered: the node acked before the broker's PUBACK was recorded"
 
 EXPIRE_DUE = """
 WITH t AS (
@@ -156,6 +166,9 @@ async def move_many(
 ) -> tuple[list[Moved], dict[str, str]]:
     """Transitions in one statement (each command at most once): those that applied, and
     for steps from an ack that did not, the reason it is kept as unmatched (id → reason).
+
+    A delivered step (an ack) that finds no ``sent`` in the command's history records
+    ``sent`` first, in the same statement: both moves are returned, ``sent`` first.
     """
     assert len({s.message_id for s in steps}) == len(steps), "one step per command"
     cols: list[list[Any]] = [[] for _ in range(10)]
@@ -176,8 +189,11 @@ async def move_many(
             col.append(value)
     moved: list[Moved] = []
     unmatched: dict[str, str] = {}
-    for row in await conn.fetch(MOVE_MANY, *cols, at, TERMINAL_LIST):
+    for row in await conn.fetch(MOVE_MANY, *cols, at, TERMINAL_LIST, IMPLIED_SENT):
         if row["unmatched"] is None:
+            if row["implied_sent"]:
+                sent = _moved(row, at)
+                moved.append(replace(sent, status="sent", reason=IMPLIED_SENT))
             moved.append(_moved(row, at))
         else:
             unmatched[row["message_id"]] = row["unmatched"]
