@@ -33,6 +33,7 @@ from .settings import AmqpSettings
 log = logging.getLogger(__name__)
 SYSTEM = "rabbitmq"
 VERIFY_INTERVAL_S = 30.0
+STANDBY_RETRY_S = 5.0
 TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -110,9 +111,9 @@ class Consumer:
 
     queue: str
     on_message: Callable[[Inbound], None]
-    # what this consumer keeps in memory holds only if no other process consumes the
-    # queue too: a second consumer there gets a warning (once) at the consumer check
-    alone: str | None = None
+    # consumed with the broker's exclusive flag: the exclusive consumers go together, one
+    # process holds all of them and any other stands by, retrying (``Amqp.exclusive``)
+    exclusive: bool = False
 
 
 class Amqp:
@@ -138,7 +139,10 @@ class Amqp:
         self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
         self.reconnect_attempts = 0
         self.publish_failures = 0
-        self._shared: set[str] = set()  # queues whose sharing was warned about
+        # whether this process holds the exclusive consumers; told to on_exclusive
+        self.exclusive = False
+        self.on_exclusive: list[Callable[[bool], None]] = []
+        self._standby_said = False
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Amqp:
@@ -159,15 +163,21 @@ class Amqp:
         self._retry.set()
 
     async def run(self) -> None:
-        """Watch the connection; after a loss reconnect with backoff until stopped."""
+        """Watch the connection; after a loss reconnect with backoff until stopped.
+        Standing by for the exclusive consumers, try to take them every few seconds."""
         while not self._stop.is_set():
-            await first_of(self._lost, self._stop, within=VERIFY_INTERVAL_S)
+            standby = self._standing_by()
+            await first_of(
+                self._lost, self._stop, within=STANDBY_RETRY_S if standby else VERIFY_INTERVAL_S
+            )
             if self._stop.is_set():
                 return
-            if not self._lost.is_set():
+            if self._lost.is_set():
+                await self._reconnect()
+            elif standby:
+                await self._retry_exclusive()
+            else:
                 await self._verify_consumers_or_reconnect()
-                continue
-            await self._reconnect()
 
     async def _reconnect(self) -> None:
         self.connected.clear()
@@ -253,6 +263,7 @@ class Amqp:
         self.connected.clear()
         for spec in self.consumers:  # gone with the channel, whatever the last check said
             self.metrics.consumers.labels(spec.queue).set(0)
+        self._set_exclusive(False)
 
     async def _close(self) -> None:
         conn, self._connection = self._connection, None
@@ -280,20 +291,85 @@ class Amqp:
 
     # -- consumers ---------------------------------------------------------------------
     async def _start_consumers(self, conn: AbstractConnection) -> list[AbstractChannel]:
-        # A channel per consumer: its delivery tags are then all that consumer's, so it
-        # may settle a whole batch with one multiple ack (ingest does).
-        channels = []
-        for spec in self.consumers:
-            channel = await conn.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
-            channels.append(channel)
-            await channel.declare_queue(spec.queue, passive=True)  # a clear error if absent
-            underlay = await channel.get_underlay_channel()
-            ok = await underlay.basic_consume(spec.queue, _adapt(spec.on_message), no_ack=False)
-            self._tags[spec.queue] = str(ok.consumer_tag)
-            self._queues[spec.queue] = channel
+        channels = [await self._consume(conn, s) for s in self.consumers if not s.exclusive]
+        channels += await self._take_exclusive(conn)
         await self.verify_consumers()
         return channels
+
+    async def _consume(self, conn: AbstractConnection, spec: Consumer) -> AbstractChannel:
+        # A channel per consumer: its delivery tags are then all that consumer's, so it
+        # may settle a whole batch with one multiple ack (ingest does).
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            await channel.declare_queue(spec.queue, passive=True)  # a clear error if absent
+            underlay = await channel.get_underlay_channel()
+            ok = await underlay.basic_consume(
+                spec.queue, _adapt(spec.on_message), no_ack=False, exclusive=spec.exclusive
+            )
+        except BaseException:
+            await _quietly_close(channel)
+            raise
+        self._tags[spec.queue] = str(ok.consumer_tag)
+        self._queues[spec.queue] = channel
+        return channel
+
+    async def _take_exclusive(self, conn: AbstractConnection) -> list[AbstractChannel]:
+        """Every exclusive consumer, or none: while another process holds one (the broker
+        refuses an exclusive consume on a queue with any consumer), stand by."""
+        specs = [s for s in self.consumers if s.exclusive]
+        taken: list[AbstractChannel] = []
+        try:
+            for spec in specs:
+                taken.append(await self._consume(conn, spec))
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            for spec, channel in zip(specs, taken, strict=False):
+                self._queues.pop(spec.queue, None)
+                self._tags.pop(spec.queue, None)
+                await _quietly_close(channel)
+            if self.exclusive or not self._standby_said:
+                log.warning(
+                    "standing by: %s (another gateway holds %s); retrying every %.0f s",
+                    _reply_text(exc),
+                    ", ".join(s.queue for s in specs),
+                    STANDBY_RETRY_S,
+                )
+                self._standby_said = True
+            self._set_exclusive(False)
+            return []
+        if specs:
+            log.info("holding the exclusive consumers on %s", ", ".join(s.queue for s in specs))
+            self._standby_said = False
+            self._set_exclusive(True)
+        return taken
+
+    async def _retry_exclusive(self) -> None:
+        conn = self._connection
+        if conn is None:
+            return
+        try:
+            channels = await self._take_exclusive(conn)
+            for channel in channels:
+                channel.close_callbacks.add(self._on_lost)
+            if channels:
+                await self.verify_consumers()
+        except AMQP_FAILURE as exc:
+            log.warning("taking the exclusive consumers failed (%s); reconnecting", exc)
+            self._lost.set()
+
+    def _standing_by(self) -> bool:
+        return (
+            self._consuming
+            and self.connected.is_set()
+            and not self.exclusive
+            and any(s.exclusive for s in self.consumers)
+        )
+
+    def _set_exclusive(self, held: bool) -> None:
+        if held != self.exclusive:
+            self.exclusive = held
+            for callback in self.on_exclusive:
+                callback(held)
 
     async def verify_consumers(self) -> dict[str, int]:
         """Ask the broker how many consumers each of our queues has; raise if one has none."""
@@ -307,22 +383,7 @@ class Amqp:
             self.metrics.consumers.labels(name).set(counts[name])
             if counts[name] < 1:
                 raise GatewayError(f"broker reports no consumer on {name!r} after consume")
-        self._warn_shared(counts)
         return counts
-
-    def _warn_shared(self, counts: dict[str, int]) -> None:
-        for spec in self.consumers:
-            n = counts.get(spec.queue, 0)
-            if spec.alone is None or n <= 1:
-                self._shared.discard(spec.queue)
-            elif spec.queue not in self._shared:
-                self._shared.add(spec.queue)
-                log.warning(
-                    "%d consumers on %s: another process (a second gateway?) consumes it too; %s",
-                    n,
-                    spec.queue,
-                    spec.alone,
-                )
 
     async def _verify_consumers_or_reconnect(self) -> None:
         try:

@@ -65,10 +65,13 @@ class Intake:
                 if not isinstance(result, GatewayError):
                     raise result
                 log.warning(
-                    "command %s not routed through %s (%s); dispatching from the outbox",
+                    "command %s not routed through %s (%s); %s",
                     p.message_id,
                     topology.COMMAND_QUEUE,
                     result,
+                    "dispatching from the outbox"
+                    if self.c.active.is_set()
+                    else "left in the outbox for the gateway holding the command queues",
                 )
                 self._offer_ours(p.message_id)
 
@@ -90,9 +93,11 @@ class Intake:
             self.c.offer(entry[0])
 
     def offer_late(self, now: float) -> None:
-        """Own commands the queue has not handed back in time go to the scheduler directly."""
+        """Own commands the queue has not handed back in time go to the scheduler directly
+        (standing by, they never come back: the holder of the queue takes them)."""
         for mid in [m for m, (_, t) in self._ours.items() if now - t > INTAKE_GRACE_S]:
-            log.warning("command %s not back from the command queue; dispatching direct", mid)
+            if self.c.active.is_set():
+                log.warning("command %s not back from the command queue; dispatching direct", mid)
             self._offer_ours(mid)
 
     async def run(self) -> None:

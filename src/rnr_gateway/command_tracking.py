@@ -109,6 +109,11 @@ class Tracker:
         Gauge("rnr_commands_in_flight", "Commands holding a node's slot", registry=r).set_function(
             lambda: commands.scheduler.in_flight
         )
+        Gauge(
+            "rnr_commands_dispatching",
+            "1 while this gateway holds the command and ack queues and sends commands",
+            registry=r,
+        ).set_function(lambda: float(commands.active.is_set()))
 
     def count(self, moved: Moved) -> None:
         self.transitions.labels(moved.status).inc()
@@ -259,6 +264,11 @@ class Tracker:
                 del waiting[mid]
             if not waiting:
                 del self._awaiting[node]
+
+    def forget(self) -> None:
+        """Drop what is kept about commands in flight (another process tracks them now)."""
+        self._received.clear()
+        self._awaiting.clear()
 
     def restore(self, record: CommandRecord, at: datetime) -> int:
         """After a restart: a command sent or received recently holds its node's slot."""

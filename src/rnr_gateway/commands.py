@@ -51,10 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SHARED_COMMANDS = (
-    "per-node command order and the in-flight limit then hold per instance only "
-    "(docs/commands.md, Limits); run commands on one gateway per vhost"
-)
+ORPHAN_SCAN_S = 30.0  # queued commands no scheduler holds, looked for this often
 # receives {"type": "command_status", message_id, node_id, status, reason, timestamp}
 OnStatus = Callable[[dict[str, Any]], None]
 
@@ -98,6 +95,13 @@ class Commands:
         self._draining = False
         self._sending: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
+        # set while this gateway holds the command and ack queues (the broker's exclusive
+        # consumers): only then does it dispatch; another gateway on the vhost stands by
+        self.active = asyncio.Event()
+        self._released = asyncio.Event()
+        self._released.set()
+        self._orphans_at = 0.0
+        amqp.on_exclusive.append(self._on_exclusive)
         presence.add_listener(self._on_presence)
 
     # -- API -----------------------------------------------------------------------------
@@ -217,7 +221,11 @@ class Commands:
     def stats(self) -> dict[str, Any]:
         """MQTT publisher stats (seed shape) plus the outbox as this process sees it."""
         out = self.mqtt.stats()
-        out.update(queued=self.scheduler.queued, in_flight=self.scheduler.in_flight)
+        out.update(
+            queued=self.scheduler.queued,
+            in_flight=self.scheduler.in_flight,
+            dispatching_commands=self.active.is_set(),
+        )
         return out
 
     def add_listener(self, callback: OnStatus) -> None:
@@ -227,19 +235,29 @@ class Commands:
         self._wake.set()
 
     def offer(self, pending: Pending) -> None:
-        if self.scheduler.offer(pending):
+        # standing by, a command is the holder's to send: it gets it from the command
+        # queue, or from the outbox (``_adopt_orphans``)
+        if self.active.is_set() and self.scheduler.offer(pending):
             self._wake.set()
 
     # -- wiring --------------------------------------------------------------------------
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(topology.COMMAND_QUEUE, self.intake.submit, alone=SHARED_COMMANDS),
-            Consumer(topology.ACK_QUEUE, self.tracker.submit, alone=SHARED_COMMANDS),
+            Consumer(topology.COMMAND_QUEUE, self.intake.submit, exclusive=True),
+            Consumer(topology.ACK_QUEUE, self.tracker.submit, exclusive=True),
         ]
 
     def on_stored(self, rows: Sequence[Any]) -> None:
         """Ingest callback: legacy status events may confirm a command (inferred)."""
         self.tracker.on_stored(rows)
+
+    def _on_exclusive(self, held: bool) -> None:
+        if held:
+            self._released.clear()
+            self.active.set()
+        else:
+            self.active.clear()
+            self._released.set()
 
     def _on_presence(self, change: PresenceChange) -> None:
         if change.status == "online":
@@ -248,9 +266,9 @@ class Commands:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
-        await self._load()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            tg.create_task(self._hold_loop(), name="commands-hold")
             tg.create_task(self._dispatch_loop(), name="commands-dispatch")
             tg.create_task(self.intake.run(), name="commands-intake")
             tg.create_task(self.tracker.run(), name="commands-acks")
@@ -270,6 +288,18 @@ class Commands:
         finally:
             self._stop.set()
         return True
+
+    async def _hold_loop(self) -> None:
+        """Holding the command queues: load the outbox and dispatch. Losing them (another
+        gateway took over while this one was cut off): forget, the holder has it all."""
+        while True:
+            await self.active.wait()
+            await self._load()
+            self._orphans_at = time.monotonic()
+            await self._released.wait()
+            self.scheduler.clear()
+            self.tracker.forget()
+            log.warning("commands: standing by; the gateway holding the command queues sends")
 
     async def _load(self) -> None:
         """Rebuild the scheduler from the outbox: queued commands, and those still in flight."""
@@ -292,7 +322,7 @@ class Commands:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._draining:
+            if self._draining or not self.active.is_set():
                 continue
             if not self.mqtt.connected.is_set():
                 await self.mqtt.connected.wait()
@@ -360,8 +390,25 @@ class Commands:
         self.tracker.check_timeouts(time.monotonic())
         self.intake.offer_late(time.monotonic())
         await self.tracker.clear_settled_retained(at)
+        if self.active.is_set() and time.monotonic() - self._orphans_at > ORPHAN_SCAN_S:
+            self._orphans_at = time.monotonic()
+            await self._adopt_orphans()
         if self.scheduler.has_work:
             self._wake.set()
+
+    async def _adopt_orphans(self) -> None:
+        """Queued commands no scheduler holds: a gateway standing by accepted them but could
+        not route them through the command queue."""
+        before = utcnow() - timedelta(seconds=ORPHAN_SCAN_S)
+        ids = await self.retrying(lambda c: outbox.queued_before(c, before))
+        unknown = [mid for mid in ids if not self.scheduler.knows(mid)]
+        if not unknown:
+            return
+        rows = await self.retrying(lambda c: outbox.fetch_many(c, unknown))
+        for row in rows:
+            if row.status == "queued":
+                self.offer(pending_of(row))
+        log.info("commands: %d queued in the outbox and held by no one, now dispatched", len(rows))
 
     # -- helpers -------------------------------------------------------------------------
     def emit(self, moved: Moved) -> None:

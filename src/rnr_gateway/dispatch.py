@@ -64,6 +64,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._dirty)
 
+    def clear(self) -> None:
+        """Forget everything (another process sends these commands now)."""
+        self._heaps.clear()
+        self._queued.clear()
+        self._per_node.clear()
+        self._in_flight.clear()
+        self._flying.clear()
+        self._dirty.clear()
+
     # -- input -------------------------------------------------------------------------
     def offer(self, cmd: Pending) -> bool:
         """Queue a command (idempotent: a known message id is ignored)."""

@@ -223,7 +223,11 @@ class Gateway:
         """The seed's three stats objects (with its field names), from real counters."""
         return {
             "worker_service": worker_state_of(self),
-            "mqtt_publisher": self.mqtt.stats(),
+            "mqtt_publisher": {
+                **self.mqtt.stats(),
+                # false on a gateway standing by while another one sends the commands
+                "dispatching_commands": self.commands.active.is_set(),
+            },
             "rabbitmq_client": rabbitmq_state_of(self),
         }
 

@@ -268,6 +268,23 @@ async def open_commands(conn: Conn, in_flight_since: datetime) -> list[CommandRe
     return [_record(r) for r in rows]
 
 
+async def queued_before(conn: Conn, before: datetime) -> list[str]:
+    """Ids of commands still queued that were accepted before ``before``."""
+    rows = await conn.fetch(
+        "SELECT message_id FROM commands WHERE status = 'queued' AND created_at < $1", before
+    )
+    return [r["message_id"] for r in rows]
+
+
+async def fetch_many(conn: Conn, message_ids: Sequence[str]) -> list[CommandRecord]:
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS} FROM commands WHERE message_id = ANY($1::text[])"
+        " ORDER BY created_at, message_id",
+        list(message_ids),
+    )
+    return [_record(r) for r in rows]
+
+
 async def unacking_nodes(conn: Conn, sent_before: datetime, since: datetime) -> list[str]:
     """Nodes whose latest command (sent since ``since``, and longer ago than an ack
     timeout) got no ack at all: legacy firmware, as far as the outbox can tell."""

@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 
 from rnr_gateway import topology
-from rnr_gateway.amqp import Amqp, Consumer, Inbound
+from rnr_gateway.amqp import STANDBY_RETRY_S, Amqp, Consumer, Inbound
 from rnr_gateway.errors import TopologyMismatch
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.metrics import Metrics
@@ -82,33 +82,59 @@ async def test_tokens_never_appear_in_logs(
     assert settings.amqp.url.value.split("@")[0].split(":")[-1] not in caplog.text  # password
 
 
-async def test_a_second_consumer_on_a_queue_that_must_be_alone_is_a_warning(
-    settings: Settings, broker_admin: BrokerAdmin, caplog: pytest.LogCaptureFixture
+def ignore(message: Inbound) -> None:
+    pass
+
+
+async def ignore_incoming(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    pass
+
+
+def command_consumers() -> list[Consumer]:
+    return [
+        Consumer(topology.COMMAND_QUEUE, ignore, exclusive=True),
+        Consumer(topology.ACK_QUEUE, ignore, exclusive=True),
+        Consumer(topology.SENSOR_QUEUE, ignore),  # ingest: shared, that is how it scales
+    ]
+
+
+async def test_exclusive_consumers_are_one_process_s_and_pass_on_when_it_goes(
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def ignore(message: Inbound) -> None:
-        pass
+    held: list[tuple[str, bool]] = []
+    first = Amqp(settings.amqp, Metrics(), command_consumers())
+    second = Amqp(settings.amqp, Metrics(), command_consumers())
+    first.on_exclusive.append(lambda h: held.append(("first", h)))
+    second.on_exclusive.append(lambda h: held.append(("second", h)))
+    async with first:
+        assert first.exclusive
+        async with second:
+            watcher = asyncio.create_task(second.run())
+            try:
+                assert not second.exclusive
+                assert await second.verify_consumers() == {topology.SENSOR_QUEUE: 2}
+                assert "standing by:" in caplog.text and "in exclusive use" in caplog.text
+                await first.__aexit__(None, None, None)  # the holder goes away
+                await eventually(lambda: second.exclusive, bool, within=STANDBY_RETRY_S + 10)
+                assert await second.verify_consumers() == {
+                    topology.COMMAND_QUEUE: 1,
+                    topology.ACK_QUEUE: 1,
+                    topology.SENSOR_QUEUE: 1,
+                }
+            finally:
+                second.request_stop()
+                await asyncio.wait_for(watcher, 10)
+    assert held == [("first", True), ("first", False), ("second", True), ("second", False)]
 
-    alone = Consumer(topology.ACK_QUEUE, ignore, alone="state is per instance")
-    shared = Consumer(topology.SENSOR_QUEUE, ignore)  # ingest: sharing is how it scales
-    async with Amqp(settings.amqp, Metrics(), [alone, shared]) as first:
-        assert await first.verify_consumers() == {topology.ACK_QUEUE: 1, topology.SENSOR_QUEUE: 1}
-        assert "consumers on" not in caplog.text
-        async with Amqp(settings.amqp, Metrics(), [alone, shared]) as second:
-            counts = await second.verify_consumers()
-            assert counts == {topology.ACK_QUEUE: 2, topology.SENSOR_QUEUE: 2}
-            await first.verify_consumers()
-            await second.verify_consumers()  # once per process, not at every check
-        expected = (
-            f"2 consumers on {topology.ACK_QUEUE}: another process (a second gateway?) "
-            "consumes it too; state is per instance"
-        )
 
-        def warnings() -> list[str]:
-            return [r.getMessage() for r in caplog.records if "consumers on" in r.getMessage()]
-
-        assert warnings() == [expected] * 2  # each process said it once
-        # alone again, then shared again: said again
-        assert (await first.verify_consumers())[topology.ACK_QUEUE] == 1
-        async with Amqp(settings.amqp, Metrics(), [alone]):
-            await first.verify_consumers()
-        assert warnings() == [expected] * 4
+async def test_exclusive_consumers_are_all_or_none(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.amqp.url.value)
+    async with connection:
+        channel = await connection.channel()
+        acks = await channel.declare_queue(topology.ACK_QUEUE, passive=True)
+        await acks.consume(ignore_incoming)  # someone else reads the acks
+        async with Amqp(settings.amqp, Metrics(), command_consumers()) as amqp:
+            assert not amqp.exclusive
+            commands = await channel.declare_queue(topology.COMMAND_QUEUE, passive=True)
+            # it had the command queue first, and let it go again
+            assert commands.declaration_result.consumer_count == 0

@@ -1,0 +1,59 @@
+"""Two gateways on one vhost and one database: the broker gives the command and ack queues
+(exclusive consumers) to one of them, which sends every command; the other accepts
+commands over its API, routes them through the command queue and takes over when the
+first one goes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from rnr_gateway.amqp import STANDBY_RETRY_S
+from rnr_gateway.gateway import Gateway
+from rnr_gateway.settings import Settings
+from tests.conftest import eventually, running
+from tests.e2e.command_node import TestNode, fast, settled, statuses
+
+
+async def heard(gw: Gateway, node: TestNode) -> None:
+    """Until this gateway has seen the node: its messages are shared out between the two."""
+    for _ in range(50):
+        if gw.presence.is_online(node.node_id):
+            return
+        await node.send("data", {"type": "heartbeat", "status": "online"})
+        await asyncio.sleep(0.2)
+    pytest.fail(f"gateway never saw {node.node_id} online")
+
+
+async def test_one_gateway_sends_the_other_stands_by_then_takes_over(settings: Settings) -> None:
+    s = fast(settings)
+    node = TestNode(s, "NODE-TWO")
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running(Gateway(s)))
+        async with running(Gateway(s)) as second, node.connected():
+            assert first.commands.active.is_set()
+            assert not second.commands.active.is_set()
+            assert first.metrics.value("rnr_commands_dispatching") == 1
+            assert second.metrics.value("rnr_commands_dispatching") == 0
+            assert first.stats()["mqtt_publisher"]["dispatching_commands"] is True
+            assert second.stats()["mqtt_publisher"]["dispatching_commands"] is False
+            await heard(first, node)
+            # accepted by the gateway standing by, sent by the one holding the queues
+            ids = [
+                (await second.commands.submit("NODE-TWO", {"action": "PING", "n": i})).message_id
+                for i in range(3)
+            ]
+            done = [await settled(first, mid) for mid in ids]
+            assert [d.status for d in done] == ["executed"] * 3
+            assert all(statuses(d) == ["queued", "sent", "received", "executed"] for d in done)
+            assert node.log.ids == ids and node.log.max_outstanding == 1
+            assert second.commands.scheduler.queued == second.commands.scheduler.in_flight == 0
+
+            await stack.aclose()  # the first gateway stops: the second takes the queues
+            await eventually(second.commands.active.is_set, bool, within=STANDBY_RETRY_S + 10)
+            await heard(second, node)
+            last = await second.commands.submit("NODE-TWO", {"action": "PING", "n": 3})
+            assert (await settled(second, last.message_id)).status == "executed"
+    assert node.log.executed == dict.fromkeys([*ids, last.message_id], 1)
