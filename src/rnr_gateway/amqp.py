@@ -22,10 +22,10 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractExchange,
 )
-from aiormq.abc import DeliveredMessage
 
 from . import topology
 from .aio import first_of
+from .amqp_inbound import Inbound, adapt
 from .errors import DependencyUnavailable, GatewayError, TopologyMismatch
 from .metrics import Metrics
 from .settings import AmqpSettings
@@ -47,62 +47,6 @@ AMQP_FAILURE: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     RuntimeError,
 )
-
-
-class Inbound:
-    """One delivery as the consumer hands it on: what it says, and how to settle it.
-
-    Consumers are registered on aio-pika's underlying aiormq channel and get this thin
-    view of aiormq's message instead of aio-pika's ``IncomingMessage``, which copies
-    every AMQP property into a new object and runs the callback in a second task: at
-    full rate that cost more CPU than decoding and storing the reading (bench/drain.py).
-    """
-
-    __slots__ = ("_message", "body")
-
-    def __init__(self, message: DeliveredMessage) -> None:
-        self._message = message
-        self.body: bytes = message.body
-
-    @property
-    def routing_key(self) -> str:
-        return self._message.delivery.routing_key or ""  # type: ignore[union-attr]
-
-    @property
-    def exchange(self) -> str:
-        return self._message.delivery.exchange or ""  # type: ignore[union-attr]
-
-    @property
-    def delivery_tag(self) -> int:
-        return int(self._message.delivery.delivery_tag or 0)  # type: ignore[union-attr]
-
-    @property
-    def redelivered(self) -> bool:
-        return bool(self._message.delivery.redelivered)  # type: ignore[union-attr]
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        return dict(self._message.header.properties.headers or {})
-
-    @property
-    def message_id(self) -> str | None:
-        return self._message.header.properties.message_id
-
-    @property
-    def priority(self) -> int | None:
-        return self._message.header.properties.priority
-
-    @property
-    def channel(self) -> aiormq.abc.AbstractChannel:
-        """The channel it came on; ChannelInvalidStateError once that is closed (the broker
-        then owns the delivery again and redelivers it)."""
-        channel = self._message.channel
-        if channel.is_closed:
-            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
-        return channel
-
-    async def ack(self, multiple: bool = False) -> None:
-        await self.channel.basic_ack(self.delivery_tag, multiple=multiple)
 
 
 @dataclass(frozen=True)
@@ -305,7 +249,7 @@ class Amqp:
             await channel.declare_queue(spec.queue, passive=True)  # a clear error if absent
             underlay = await channel.get_underlay_channel()
             ok = await underlay.basic_consume(
-                spec.queue, _adapt(spec.on_message), no_ack=False, exclusive=spec.exclusive
+                spec.queue, adapt(spec.on_message), no_ack=False, exclusive=spec.exclusive
             )
         except BaseException:
             await _quietly_close(channel)
@@ -455,13 +399,6 @@ class Amqp:
         finally:
             self.metrics.confirms_pending.dec()
         self.metrics.published.labels(exchange).inc()
-
-
-def _adapt(fn: Callable[[Inbound], None]) -> Callable[[DeliveredMessage], Any]:
-    async def callback(message: DeliveredMessage) -> None:  # aiormq runs it as a task
-        fn(Inbound(message))
-
-    return callback
 
 
 async def _quietly_close(closable: AbstractConnection | AbstractChannel) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from . import outbox, store, topology
-from .amqp import Inbound
+from .amqp_inbound import Inbound
 from .command_codec import (
     CommandRecord,
     Moved,

@@ -25,7 +25,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from . import outbox, store, topology
-from .amqp import Inbound
+from .amqp_inbound import Inbound
 from .command_codec import (
     TERMINAL,
     Ack,

@@ -23,7 +23,7 @@ import orjson
 from aiormq.exceptions import ChannelInvalidStateError
 
 from . import store, topology
-from .amqp import Inbound
+from .amqp_inbound import Inbound
 from .codec import decode
 from .db import TRANSIENT, Database
 from .errors import BadMessage, DependencyUnavailable
