@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from .db import Database
+from .db import TRANSIENT, Database
 from .metrics import Metrics
 from .settings import PresenceSettings
 from .store import Accepted
@@ -45,6 +45,16 @@ TICK_CHUNK = 2000
 MAX_THRESHOLD_S = 6 * 3600.0
 EWMA_WEIGHT = 0.3
 Clock = Callable[[], float]  # wall-clock epoch seconds (injected in tests)
+
+
+OFFLINE_REASONS: dict[str, Reason] = {"lwt": "lwt", "status": "status", "timeout": "timeout"}
+SECOND_OPINION = """
+SELECT n.node_id, n.status, extract(epoch FROM n.last_seen) AS seen, e.reason
+FROM nodes n LEFT JOIN LATERAL (
+    SELECT reason FROM node_events WHERE node_id = n.node_id ORDER BY at DESC, id DESC LIMIT 1
+) e ON true
+WHERE n.node_id = ANY($1::text[])
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +180,13 @@ class Presence:
         """
         now = self.clock() if now is None else now
         before = len(self._pending)
+        self._expire(self._overdue(now, limit), now)
+        return self._pending[before:]
+
+    def _overdue(self, now: float, limit: int | None) -> list[str]:
+        """Online nodes past their deadline (at most ``limit`` due entries looked at);
+        those heard from since their entry was armed are re-armed instead."""
+        out: list[str] = []
         budget = limit if limit is not None else -1
         while self._heap and self._heap[0][0] <= now and budget:
             budget -= 1
@@ -184,9 +201,39 @@ class Presence:
             if deadline > now:
                 self._arm(node_id, state, deadline)
             else:
+                out.append(node_id)
+        return out
+
+    def _expire(self, node_ids: list[str], now: float) -> None:
+        for node_id in node_ids:
+            state = self.nodes.get(node_id)
+            if state is None or state.status != "online" or state.deadline is not None:
+                continue
+            deadline = state.last_seen + self.threshold(state)
+            if deadline > now:  # heard of meanwhile (another gateway heard it)
+                self._arm(node_id, state, deadline)
+            else:
                 reason: Reason = "startup" if state.restored else "timeout"
                 self._transition(node_id, state, "offline", reason, now)
-        return self._pending[before:]
+
+    async def _heard_elsewhere(self, node_ids: list[str]) -> None:
+        """Ask the database before calling nodes silent: with several gateways on the
+        vhost each ingests part of a node's messages, and ``nodes.last_seen`` is the
+        latest any of them stored. Database down: judge by what this process heard."""
+        try:
+            rows = await self.db.pool.fetch(SECOND_OPINION, node_ids, timeout=5)
+        except TRANSIENT as exc:
+            log.debug("presence: no second opinion from the database (%s)", exc)
+            return
+        for row in rows:
+            state = self.nodes.get(row["node_id"])
+            if state is None or row["seen"] is None or float(row["seen"]) <= state.last_seen:
+                continue
+            state.last_seen = float(row["seen"])
+            state.restored = False
+            if row["status"] == "offline":  # another gateway stored its LWT (or timed it out)
+                why: Reason = OFFLINE_REASONS.get(row["reason"], "status")
+                self._transition(row["node_id"], state, "offline", why, state.last_seen)
 
     def due(self, now: float) -> bool:
         """Whether a node's deadline is at or before ``now``, still to be looked at."""
@@ -248,8 +295,13 @@ class Presence:
             now, busy = self.clock(), 0.0
             while True:
                 started = time.perf_counter()
-                self.check(now, limit=TICK_CHUNK)
+                silent = self._overdue(now, TICK_CHUNK)
                 busy += time.perf_counter() - started
+                if silent:
+                    await self._heard_elsewhere(silent)
+                    started = time.perf_counter()
+                    self._expire(silent, now)
+                    busy += time.perf_counter() - started
                 if not self.due(now):
                     break
                 await asyncio.sleep(0)  # ingest and WebSocket senders run between chunks
@@ -281,16 +333,35 @@ class Presence:
             raise
 
 
+# A transition is stored unless the node's history already says the same at that moment:
+# with several gateways on a vhost each sees the node come and go (and the one that
+# stored its LWT tells the others through ``nodes``), and the first one's record stands.
+# Per-node advisory locks (taken in node order) keep two writers from both inserting.
+LOCK_NODES = (
+    "SELECT pg_advisory_xact_lock(hashtext('rnr-node-events'), hashtext(n))"
+    " FROM unnest($1::text[]) AS n"
+)
+INSERT_EVENT = """
+INSERT INTO node_events (node_id, from_status, to_status, reason, at)
+SELECT $1, $2, $3, $4, $5
+WHERE $3 IS DISTINCT FROM (SELECT to_status FROM node_events
+                           WHERE node_id = $1 AND at <= $5 ORDER BY at DESC, id DESC LIMIT 1)
+  AND $3 IS DISTINCT FROM (SELECT to_status FROM node_events
+                           WHERE node_id = $1 AND at > $5 ORDER BY at, id LIMIT 1)
+"""
+
+
 async def _write(conn: Conn, batch: list[Transition], intervals: dict[str, float | None]) -> None:
+    latest = {t.node_id: t for t in batch}
     async with conn.transaction():
+        await conn.execute(LOCK_NODES, sorted(latest))
         await conn.executemany(
-            "INSERT INTO node_events (node_id, from_status, to_status, reason, at)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            INSERT_EVENT,
             [(t.node_id, t.previous, t.status, t.reason, t.at_datetime) for t in batch],
         )
-        latest = {t.node_id: t for t in batch}
         await conn.executemany(
             "UPDATE nodes SET status = $2, status_changed_at = $3,"
-            " report_interval_s = COALESCE($4, report_interval_s) WHERE node_id = $1",
+            " report_interval_s = COALESCE($4, report_interval_s) WHERE node_id = $1"
+            " AND (status_changed_at IS NULL OR status_changed_at <= $3)",
             [(n, t.status, t.at_datetime, intervals.get(n)) for n, t in sorted(latest.items())],
         )

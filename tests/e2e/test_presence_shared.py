@@ -1,0 +1,76 @@
+"""Presence with several gateways on one vhost: each ingests only part of a node's
+messages, so before calling a node silent a gateway asks the database (``nodes``), and a
+transition another gateway stored already is not stored twice."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from rnr_gateway.gateway import Gateway
+from rnr_gateway.metrics import Metrics
+from rnr_gateway.presence import Presence, Transition
+from rnr_gateway.settings import PresenceSettings, Settings
+from tests.conftest import eventually, mqtt_client, running
+
+FAST = PresenceSettings(
+    offline_threshold_s=1.0, status_check_interval_s=0.2, new_node_threshold_s=1.0
+)
+
+
+async def stored_elsewhere(gateway: Gateway, node_id: str, status: str = "online") -> None:
+    """What another gateway's batch statement does for a message it stored."""
+    await gateway.db.pool.execute(
+        "UPDATE nodes SET last_seen = now(), status = $2 WHERE node_id = $1", node_id, status
+    )
+
+
+async def events(gateway: Gateway, node_id: str) -> list[tuple[str, str]]:
+    rows = await gateway.db.pool.fetch(
+        "SELECT to_status, reason FROM node_events WHERE node_id = $1 ORDER BY at, id", node_id
+    )
+    return [(r["to_status"], r["reason"]) for r in rows]
+
+
+async def test_a_node_heard_by_another_gateway_stays_online_and_its_lwt_comes_across(
+    settings: Settings,
+) -> None:
+    pushed: list[Transition] = []
+    async with running(Gateway(replace(settings, presence=FAST))) as gateway:
+        gateway.presence.add_listener(pushed.append)
+        async with mqtt_client(settings, "shared") as client:
+            await client.publish("devices/SHARED/data", b'{"temperature":1}', qos=1)
+        await eventually(lambda: gateway.presence.is_online("SHARED"), bool)
+        # for three thresholds only another gateway hears the node
+        for _ in range(10):
+            await stored_elsewhere(gateway, "SHARED")
+            await asyncio.sleep(0.3)
+        assert gateway.presence.is_online("SHARED")
+        assert await events(gateway, "SHARED") == [("online", "message")]
+
+        # the other gateway stores the node's LWT and records the transition
+        await stored_elsewhere(gateway, "SHARED", "offline")
+        await gateway.db.pool.execute(
+            "INSERT INTO node_events (node_id, from_status, to_status, reason, at)"
+            " VALUES ('SHARED', 'online', 'offline', 'lwt', now())"
+        )
+        await eventually(lambda: gateway.presence.status("SHARED"), lambda s: s == "offline", 5)
+        await gateway.presence.flush()
+        assert await events(gateway, "SHARED") == [("online", "message"), ("offline", "lwt")]
+    assert [(t.status, t.reason) for t in pushed] == [("online", "message"), ("offline", "lwt")]
+
+
+async def test_a_transition_two_gateways_saw_is_stored_once(settings: Settings) -> None:
+    async with running(Gateway(replace(settings, presence=FAST))) as gateway:
+        async with mqtt_client(settings, "twice") as client:
+            await client.publish("devices/TWICE/data", b'{"temperature":1}', qos=1)
+        await eventually(lambda: gateway.presence.is_online("TWICE"), bool)
+        await gateway.presence.flush()
+        other = Presence(FAST, gateway.db, Metrics())  # a second gateway's presence
+        await other.load()
+        at = gateway.presence.clock()
+        gateway.presence.went_offline("TWICE", "lwt", at)
+        other.went_offline("TWICE", "lwt", at + 0.05)  # the same LWT, seen a moment later
+        await asyncio.gather(gateway.presence.flush(), other.flush())
+        assert await events(gateway, "TWICE") == [("online", "message"), ("offline", "lwt")]
+        assert gateway.presence.status("TWICE") == other.status("TWICE") == "offline"
