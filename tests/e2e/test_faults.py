@@ -33,6 +33,7 @@ from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
 from rnr_gateway.simulate import FleetConfig, FleetReport, run_fleet
 from tests.conftest import BrokerAdmin, eventually, mqtt_client, running
+from tests.e2e.command_node import TestNode, settled
 
 log = logging.getLogger(__name__)
 PG_VERSION = max(os.listdir("/etc/postgresql"), key=int) if Path("/etc/postgresql").is_dir() else ""
@@ -406,6 +407,13 @@ async def test_rabbitmq_outage_mid_stream_loses_nothing(
             body = {"temperature": 1.0, "boot": marker[1], "seq": marker[2]}
             await client.publish(f"devices/{marker[0]}/data", orjson.dumps(body), qos=1)
         await rows_grow(database, by=NODES * 25)  # the fleet reconnected and ingest resumed
+
+        # commands: the gateway holds the command queues again and sends
+        await eventually(gateway.commands.active.is_set, bool, within=30)
+        node = TestNode(settings, f"CMD{unique}")
+        async with node.connected(gateway):
+            record = await gateway.commands.submit(node.node_id, {"action": "PING"})
+            assert (await settled(gateway, record.message_id, within=20)).status == "executed"
 
         report = await s.finish()
         assert gateway_alive()
