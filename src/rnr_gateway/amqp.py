@@ -87,6 +87,7 @@ class Amqp:
         self.exclusive = False
         self.on_exclusive: list[Callable[[bool], None]] = []
         self._standby_said = False
+        self.consumer_counts: dict[str, int] = {}  # the broker's, at the last check
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Amqp:
@@ -327,7 +328,12 @@ class Amqp:
             self.metrics.consumers.labels(name).set(counts[name])
             if counts[name] < 1:
                 raise GatewayError(f"broker reports no consumer on {name!r} after consume")
+        self.consumer_counts = counts
         return counts
+
+    def shared(self, queue: str) -> bool:
+        """Whether another process consumed this queue too at the last consumer check."""
+        return self.consumer_counts.get(queue, 0) > 1
 
     async def _verify_consumers_or_reconnect(self) -> None:
         try:

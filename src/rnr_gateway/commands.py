@@ -71,6 +71,8 @@ class PresenceView(Protocol):
 
     def add_listener(self, callback: Callable[[PresenceChange], None]) -> None: ...
 
+    async def catch_up(self, node_ids: list[str]) -> None: ...
+
 
 class Commands:
     def __init__(
@@ -393,6 +395,12 @@ class Commands:
         if self.active.is_set() and time.monotonic() - self._orphans_at > ORPHAN_SCAN_S:
             self._orphans_at = time.monotonic()
             await self._adopt_orphans()
+        if self.active.is_set() and self.amqp.shared(topology.SENSOR_QUEUE):
+            # other gateways ingest part of every node's messages: a node this one has
+            # commands for may be back although none of them came here yet
+            waiting = [n for n in self.scheduler.waiting_nodes() if not self.presence.is_online(n)]
+            if waiting:
+                await self.presence.catch_up(waiting)
         if self.scheduler.has_work:
             self._wake.set()
 

@@ -60,6 +60,10 @@ class Scheduler:
         heap = sorted(self._heaps.get(node_id, []))
         return [mid for _, _, mid in heap if mid in self._queued]
 
+    def waiting_nodes(self) -> list[str]:
+        """Nodes with commands queued."""
+        return list(self._per_node)
+
     @property
     def has_work(self) -> bool:
         return bool(self._dirty)

@@ -216,6 +216,27 @@ class Presence:
                 reason: Reason = "startup" if state.restored else "timeout"
                 self._transition(node_id, state, "offline", reason, now)
 
+    async def catch_up(self, node_ids: list[str]) -> None:
+        """Nodes this process has as offline that another gateway has heard from lately
+        (``nodes``: online, ``last_seen`` within the threshold) are online here too."""
+        try:
+            rows = await self.db.pool.fetch(SECOND_OPINION, node_ids, timeout=5)
+        except TRANSIENT as exc:
+            log.debug("presence: no second opinion from the database (%s)", exc)
+            return
+        now = self.clock()
+        new_node = max(self.settings.offline_threshold_s, self.settings.new_node_threshold_s)
+        for row in rows:
+            state = self.nodes.get(row["node_id"])
+            if row["status"] != "online" or row["seen"] is None:
+                continue
+            if state is not None and state.status == "online":
+                continue
+            seen = float(row["seen"])
+            last, limit = (state.last_seen, self.threshold(state)) if state else (0.0, new_node)
+            if seen > last and now - seen < limit:
+                self.heard(row["node_id"], seen)
+
     async def _heard_elsewhere(self, node_ids: list[str]) -> None:
         """Ask the database before calling nodes silent: with several gateways on the
         vhost each ingests part of a node's messages, and ``nodes.last_seen`` is the

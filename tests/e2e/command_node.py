@@ -65,6 +65,7 @@ class TestNode:
         acks: bool = True,
         ack_delay_s: float = 0.0,
         log: NodeLog | None = None,
+        announce: bool = True,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -72,6 +73,7 @@ class TestNode:
         self.acks = acks
         self.ack_delay_s = ack_delay_s
         self.log = log or NodeLog()
+        self.announce = announce  # an `online` status message once connected
         self.hold = asyncio.Event()  # cleared: acks wait (commands stay in flight)
         self.hold.set()
         self.client: aiomqtt.Client | None = None
@@ -90,11 +92,12 @@ class TestNode:
             self.client = client
             await client.subscribe(f"devices/{self.node_id}/commands", qos=1)
             reader = asyncio.create_task(self._read(client))
-            await client.publish(
-                f"devices/{self.node_id}/status",
-                orjson.dumps({"status": "online", "node_id": self.node_id}),
-                qos=1,
-            )
+            if self.announce:
+                await client.publish(
+                    f"devices/{self.node_id}/status",
+                    orjson.dumps({"status": "online", "node_id": self.node_id}),
+                    qos=1,
+                )
             if gateway is not None:
                 await eventually(lambda: gateway.presence.is_online(self.node_id), bool, 10)
             try:

@@ -74,3 +74,31 @@ async def test_a_transition_two_gateways_saw_is_stored_once(settings: Settings) 
         await asyncio.gather(gateway.presence.flush(), other.flush())
         assert await events(gateway, "TWICE") == [("online", "message"), ("offline", "lwt")]
         assert gateway.presence.status("TWICE") == other.status("TWICE") == "offline"
+
+
+async def test_catch_up_takes_a_node_another_gateway_heard_lately(settings: Settings) -> None:
+    async with running(Gateway(replace(settings, presence=FAST))) as gateway:
+        async with mqtt_client(settings, "back") as client:
+            for node in ("BACK", "STALE", "GONE"):
+                await client.publish(f"devices/{node}/data", b'{"temperature":1}', qos=1)
+                await client.publish(f"devices/{node}/status", b"offline", qos=1)
+        presence = gateway.presence
+        await eventually(
+            lambda: [presence.status(n) for n in ("BACK", "STALE", "GONE")],
+            lambda s: s == ["offline"] * 3,
+        )
+        await presence.flush()
+        await asyncio.sleep(FAST.offline_threshold_s + 0.3)
+        await stored_elsewhere(gateway, "BACK")  # a message another gateway stored
+        await gateway.db.pool.execute(  # after the LWT, but longer ago than the threshold
+            "UPDATE nodes SET last_seen = now() - make_interval(secs => $1),"
+            " status = 'online' WHERE node_id = 'STALE'",
+            FAST.offline_threshold_s + 0.2,
+        )
+        await presence.catch_up(["BACK", "STALE", "GONE", "NEVER-SEEN"])
+        assert [presence.status(n) for n in ("BACK", "STALE", "GONE")] == [
+            "online",
+            "offline",
+            "offline",
+        ]
+        assert presence.status("NEVER-SEEN") == "unknown"
