@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from .db import TRANSIENT, Database
+from .db import CONNECT_FAILURE, Database
 from .metrics import Metrics
 from .settings import PresenceSettings
 from .store import Accepted
 
 if TYPE_CHECKING:
+    from asyncpg import Record
+
     from .db import Conn
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ EWMA_WEIGHT = 0.3
 Clock = Callable[[], float]  # wall-clock epoch seconds (injected in tests)
 
 
+SECOND_OPINION_TIMEOUT_S = 5.0
 OFFLINE_REASONS: dict[str, Reason] = {"lwt": "lwt", "status": "status", "timeout": "timeout"}
 SECOND_OPINION = """
 SELECT n.node_id, n.status, extract(epoch FROM n.last_seen) AS seen, e.reason
@@ -216,14 +219,19 @@ class Presence:
                 reason: Reason = "startup" if state.restored else "timeout"
                 self._transition(node_id, state, "offline", reason, now)
 
+    async def _second_opinion(self, node_ids: list[str]) -> list[Record] | None:
+        """What ``nodes`` says of these nodes; None while the database is out of reach."""
+        try:
+            async with asyncio.timeout(SECOND_OPINION_TIMEOUT_S):
+                return list(await self.db.pool.fetch(SECOND_OPINION, node_ids))
+        except CONNECT_FAILURE as exc:
+            log.debug("presence: no second opinion from the database (%s)", exc)
+            return None
+
     async def catch_up(self, node_ids: list[str]) -> None:
         """Nodes this process has as offline that another gateway has heard from lately
         (``nodes``: online, ``last_seen`` within the threshold) are online here too."""
-        try:
-            rows = await self.db.pool.fetch(SECOND_OPINION, node_ids, timeout=5)
-        except TRANSIENT as exc:
-            log.debug("presence: no second opinion from the database (%s)", exc)
-            return
+        rows = await self._second_opinion(node_ids) or []
         now = self.clock()
         new_node = max(self.settings.offline_threshold_s, self.settings.new_node_threshold_s)
         for row in rows:
@@ -240,11 +248,16 @@ class Presence:
     async def _heard_elsewhere(self, node_ids: list[str]) -> None:
         """Ask the database before calling nodes silent: with several gateways on the
         vhost each ingests part of a node's messages, and ``nodes.last_seen`` is the
-        latest any of them stored. Database down: judge by what this process heard."""
-        try:
-            rows = await self.db.pool.fetch(SECOND_OPINION, node_ids, timeout=5)
-        except TRANSIENT as exc:
-            log.debug("presence: no second opinion from the database (%s)", exc)
+        latest any of them stored. Database down: ask again at the next check."""
+        rows = await self._second_opinion(node_ids)
+        if rows is None:
+            # ingest commits nothing while the database is down, so nothing is heard
+            # here either: the silence is ours, not the nodes'. Judge them once it is back.
+            now = self.clock()
+            for node_id in node_ids:
+                state = self.nodes.get(node_id)
+                if state is not None and state.deadline is None:
+                    self._arm(node_id, state, now + self.settings.status_check_interval_s)
             return
         for row in rows:
             state = self.nodes.get(row["node_id"])

@@ -218,3 +218,45 @@ def test_a_tick_taken_in_chunks_ends_as_one_tick_does() -> None:
     ]
     assert sum(t.status == "offline" for t in whole_seen) == 200
     assert whole.counts() == chunked.counts() == (50, 200)
+
+
+async def test_silence_while_the_database_is_out_of_reach_is_not_a_timeout() -> None:
+    class Pool:  # what the ticker asks before calling nodes silent (real: tests/e2e)
+        down = True
+
+        async def fetch(self, query: str, node_ids: list[str]) -> list[dict[str, object]]:
+            if self.down:
+                raise OSError("connection refused")
+            return [{"node_id": "N", "status": "online", "seen": None, "reason": None}]
+
+    class FakeDb:
+        pool = Pool()
+
+        async def retrying(self, work: object, stop: asyncio.Event) -> None:
+            return None  # the writer's flush
+
+    clock = Clock()
+    presence = Presence(PresenceSettings(15, 0.01), FakeDb(), Metrics(), clock)  # type: ignore[arg-type]
+    seen: list[Transition] = []
+    presence.add_listener(seen.append)
+    presence.heard("N", clock.now)
+    clock.now += 2 * PROBATION_S  # long silent here: ingest commits nothing meanwhile
+    ticker = asyncio.create_task(presence.run())
+    try:
+        for _ in range(20):  # some twenty checks with the database out of reach
+            clock.now += 0.01
+            await asyncio.sleep(0.01)
+        assert presence.is_online("N")
+        FakeDb.pool.down = False  # back, and it has heard nothing newer either
+        for _ in range(200):
+            if not presence.is_online("N"):
+                break
+            clock.now += 0.01
+            await asyncio.sleep(0.01)
+        assert [(t.status, t.reason) for t in seen] == [
+            ("online", "message"),
+            ("offline", "timeout"),
+        ]
+    finally:
+        presence.request_stop()
+        await asyncio.wait_for(ticker, 5)
