@@ -80,6 +80,7 @@ class NodeState:
     interval_s: float | None = None
     deadline: float | None = None  # of its live entry in the deadline heap, if any
     restored: bool = False  # loaded at start and not heard from since
+    changed_at: float = 0.0  # of its last transition here
 
 
 class Presence:
@@ -276,6 +277,9 @@ class Presence:
     def _transition(
         self, node_id: str, state: NodeState, status: Status, reason: Reason, at: float
     ) -> None:
+        # a node's history runs forward: a message received just before a timeout but
+        # committed after it brings the node back at the timeout's moment, not before it
+        at = state.changed_at = max(at, state.changed_at)
         event = Transition(node_id, state.status, status, reason, at)
         self._online += (status == "online") - (state.status == "online")
         state.status = status

@@ -260,3 +260,20 @@ async def test_silence_while_the_database_is_out_of_reach_is_not_a_timeout() -> 
     finally:
         presence.request_stop()
         await asyncio.wait_for(ticker, 5)
+
+
+def test_a_node_s_transitions_never_go_back_in_time() -> None:
+    presence, clock, seen = make()
+    presence.heard("N", clock.now)
+    presence.heard("N", clock.now + 5)
+    presence.heard("N", clock.now + 10)  # reporting every 5 s: threshold 15 s
+    clock.now += 30
+    presence.check()  # timed out at clock.now
+    # a message received a moment before that, whose batch committed just after it
+    presence.heard("N", clock.now - 0.01)
+    assert [(t.status, t.reason) for t in seen] == [
+        ("online", "message"),
+        ("offline", "timeout"),
+        ("online", "message"),
+    ]
+    assert seen[2].at == seen[1].at == clock.now  # back at the timeout's moment
