@@ -93,6 +93,7 @@ class Tracker:
         self._silent: set[str] = set()  # nodes whose last command got no ack at all
         self._awaiting: dict[str, dict[str, tuple[dict[str, Status], float]]] = {}
         self._retained: dict[str, str] = {}  # node → command on commands/last
+        self._events_after: int | None = None  # sensor_data id: events up to it were seen
         r = metrics.registry
         self.transitions = Counter(
             "rnr_command_transitions", "Command transitions by new status", ["status"], registry=r
@@ -126,18 +127,41 @@ class Tracker:
         return self._queues[zlib.crc32(routing_key.encode()) % len(self._queues)]
 
     def on_stored(self, rows: Sequence[Accepted]) -> None:
+        if self.c.amqp.shared(topology.SENSOR_QUEUE):
+            return  # this process sees only part of the events: ``infer_from_stored``
+        self._events_after = None  # not looked at from the database while alone
         for row in rows:
             m = row.message
-            waiting = self._awaiting.get(m.node_id)
-            if m.kind != "event" or not waiting or m.status is None:
-                continue
-            for mid, (outcomes, _) in waiting.items():  # oldest command first
-                outcome = outcomes.get(m.status)
-                if outcome is not None:
-                    del waiting[mid]
-                    queue = self._queue_of(f"devices.{m.node_id}.ack")
-                    queue.put_nowait(Inferred(m.node_id, mid, outcome, m.status))
-                    break
+            if m.kind == "event" and m.status is not None:
+                self._infer(m.node_id, m.status)
+
+    async def infer_from_stored(self) -> None:
+        """With other gateways ingesting too, a legacy node's status event may have been
+        stored by any of them: the events stored since the last look, from the database."""
+        nodes = [node for node, waiting in self._awaiting.items() if waiting]
+        if not nodes or self._events_after is None:
+            # kept at the newest row while nothing awaits, so that the events of a command
+            # sent meanwhile (a legacy node answers within milliseconds) are all ahead
+            self._events_after = await self._retrying(outbox.last_event_id)
+            return
+        after = self._events_after
+        rows = await self._retrying(lambda c: outbox.events_after(c, nodes, after))
+        for node_id, status, event_id in rows:
+            self._events_after = max(self._events_after or 0, event_id)
+            self._infer(node_id, status)
+
+    def _infer(self, node_id: str, status: str) -> None:
+        """A legacy status event: the oldest command awaiting it gets its outcome."""
+        waiting = self._awaiting.get(node_id)
+        if not waiting:
+            return
+        for mid, (outcomes, _) in waiting.items():  # oldest command first
+            outcome = outcomes.get(status)
+            if outcome is not None:
+                del waiting[mid]
+                queue = self._queue_of(f"devices.{node_id}.ack")
+                queue.put_nowait(Inferred(node_id, mid, outcome, status))
+                return
 
     def published(self, cmd: Pending) -> None:
         """The broker PUBACKed the command: 'sent' is recorded in order with its acks."""
@@ -269,6 +293,7 @@ class Tracker:
         """Drop what is kept about commands in flight (another process tracks them now)."""
         self._received.clear()
         self._awaiting.clear()
+        self._events_after = None
 
     def restore(self, record: CommandRecord, at: datetime) -> int:
         """After a restart: a command sent or received recently holds its node's slot."""

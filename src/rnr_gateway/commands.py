@@ -401,6 +401,7 @@ class Commands:
             waiting = [n for n in self.scheduler.waiting_nodes() if not self.presence.is_online(n)]
             if waiting:
                 await self.presence.catch_up(waiting)
+            await self.tracker.infer_from_stored()
         if self.scheduler.has_work:
             self._wake.set()
 

@@ -285,6 +285,24 @@ async def fetch_many(conn: Conn, message_ids: Sequence[str]) -> list[CommandReco
     return [_record(r) for r in rows]
 
 
+async def last_event_id(conn: Conn) -> int:
+    return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM sensor_data"))
+
+
+async def events_after(
+    conn: Conn, node_ids: Sequence[str], after: int
+) -> list[tuple[str, str, int]]:
+    """(node, status, id) of the nodes' status events stored after ``after``, in order."""
+    rows = await conn.fetch(
+        "SELECT node_id, data->>'status' AS status, id FROM sensor_data"
+        " WHERE id > $2 AND node_id = ANY($1::text[]) AND kind = 'event'"
+        " AND data->>'status' IS NOT NULL ORDER BY id",
+        list(node_ids),
+        after,
+    )
+    return [(r["node_id"], r["status"], r["id"]) for r in rows]
+
+
 async def unacking_nodes(conn: Conn, sent_before: datetime, since: datetime) -> list[str]:
     """Nodes whose latest command (sent since ``since``, and longer ago than an ack
     timeout) got no ack at all: legacy firmware, as far as the outbox can tell."""

@@ -66,3 +66,31 @@ async def test_one_gateway_sends_the_other_stands_by_then_takes_over(settings: S
             last = await second.commands.submit("NODE-TWO", {"action": "PING", "n": 3})
             assert (await settled(second, last.message_id)).status == "executed"
     assert node.log.executed == dict.fromkeys([*ids, last.message_id], 1)
+
+
+async def test_a_legacy_node_s_status_event_stored_by_the_other_gateway_confirms(
+    settings: Settings,
+) -> None:
+    s = fast(settings)
+    node = TestNode(s, "NODE-OLD", acks=False, announce=False)  # legacy firmware
+    async with running(Gateway(s)) as first, running(Gateway(s)) as second, node.connected():
+        await first.amqp.verify_consumers()
+        assert first.commands.active.is_set() and first.amqp.shared("sensor_data_enhanced")
+        await first.db.pool.execute(
+            "INSERT INTO nodes (node_id, last_seen, status) VALUES ($1, now(), 'online')",
+            node.node_id,
+        )
+        record = await second.commands.submit(
+            node.node_id, {"action": "RELAY_CONTROL", "relay": 3, "state": True}
+        )
+        await settled(first, record.message_id, frozenset({"sent"}))
+        # the node's `relay3_on`, stored by the other gateway's batch
+        await first.db.pool.execute(
+            "INSERT INTO sensor_data (node_id, data, received_at, kind)"
+            " VALUES ($1, '{\"status\": \"relay3_on\"}', now(), 'event')",
+            node.node_id,
+        )
+        done = await settled(first, record.message_id)
+    assert done.status == "executed" and done.reason == "inferred"
+    assert statuses(done) == ["queued", "sent", "executed"]
+    assert [c["message_id"] for c in node.log.received] == [record.message_id]
