@@ -93,7 +93,10 @@ class Tracker:
         self._silent: set[str] = set()  # nodes whose last command got no ack at all
         self._awaiting: dict[str, dict[str, tuple[dict[str, Status], float]]] = {}
         self._retained: dict[str, str] = {}  # node → command on commands/last
-        self._events_after: int | None = None  # sensor_data id: events up to it were seen
+        # sensor_data ids: the newest row at the last sweep, and per awaiting node the
+        # last of its events looked at (``infer_from_stored``)
+        self._latest_event: int | None = None
+        self._events_after: dict[str, int] = {}
         r = metrics.registry
         self.transitions = Counter(
             "rnr_command_transitions", "Command transitions by new status", ["status"], registry=r
@@ -129,7 +132,8 @@ class Tracker:
     def on_stored(self, rows: Sequence[Accepted]) -> None:
         if self.c.amqp.shared(topology.SENSOR_QUEUE):
             return  # this process sees only part of the events: ``infer_from_stored``
-        self._events_after = None  # not looked at from the database while alone
+        self._latest_event = None  # not looked at from the database while alone
+        self._events_after = {}
         for row in rows:
             m = row.message
             if m.kind == "event" and m.status is not None:
@@ -137,18 +141,24 @@ class Tracker:
 
     async def infer_from_stored(self) -> None:
         """With other gateways ingesting too, a legacy node's status event may have been
-        stored by any of them: the events stored since the last look, from the database."""
+        stored by any of them: the events stored since the last look, from the database.
+        Each node's events are read from the newest row as of the sweep before its wait
+        began (a legacy node answers within milliseconds of the command)."""
+        before, self._latest_event = (
+            self._latest_event,
+            await self._retrying(outbox.last_event_id),
+        )
         nodes = [node for node, waiting in self._awaiting.items() if waiting]
-        if not nodes or self._events_after is None:
-            # kept at the newest row while nothing awaits, so that the events of a command
-            # sent meanwhile (a legacy node answers within milliseconds) are all ahead
-            self._events_after = await self._retrying(outbox.last_event_id)
+        start = self._latest_event if before is None else before
+        marks = {n: self._events_after.get(n, start) for n in nodes}
+        self._events_after = marks
+        if not nodes:
             return
-        after = self._events_after
-        rows = await self._retrying(lambda c: outbox.events_after(c, nodes, after))
+        rows = await self._retrying(lambda c: outbox.events_after(c, nodes, min(marks.values())))
         for node_id, status, event_id in rows:
-            self._events_after = max(self._events_after or 0, event_id)
-            self._infer(node_id, status)
+            if event_id > marks[node_id]:
+                marks[node_id] = event_id
+                self._infer(node_id, status)
 
     def _infer(self, node_id: str, status: str) -> None:
         """A legacy status event: the oldest command awaiting it gets its outcome."""
@@ -293,7 +303,8 @@ class Tracker:
         """Drop what is kept about commands in flight (another process tracks them now)."""
         self._received.clear()
         self._awaiting.clear()
-        self._events_after = None
+        self._latest_event = None
+        self._events_after = {}
 
     def restore(self, record: CommandRecord, at: datetime) -> int:
         """After a restart: a command sent or received recently holds its node's slot."""

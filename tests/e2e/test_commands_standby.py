@@ -14,7 +14,9 @@ from rnr_gateway.amqp import STANDBY_RETRY_S
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
 from tests.conftest import eventually, running
-from tests.e2e.command_node import TestNode, fast, settled, statuses
+from tests.e2e.command_node import FAST, TestNode, fast, settled, statuses
+
+FAST_SWEEP_S = FAST.sweep_interval_s
 
 
 async def heard(gw: Gateway, node: TestNode) -> None:
@@ -80,16 +82,20 @@ async def test_a_legacy_node_s_status_event_stored_by_the_other_gateway_confirms
             "INSERT INTO nodes (node_id, last_seen, status) VALUES ($1, now(), 'online')",
             node.node_id,
         )
+        relay3_on = (
+            "INSERT INTO sensor_data (node_id, data, received_at, kind)"
+            " VALUES ($1, '{\"status\": \"relay3_on\"}', now(), 'event')"
+        )
+        await first.db.pool.execute(relay3_on, node.node_id)  # from before the command
+        await asyncio.sleep(5 * FAST_SWEEP_S)
         record = await second.commands.submit(
             node.node_id, {"action": "RELAY_CONTROL", "relay": 3, "state": True}
         )
         await settled(first, record.message_id, frozenset({"sent"}))
-        # the node's `relay3_on`, stored by the other gateway's batch
-        await first.db.pool.execute(
-            "INSERT INTO sensor_data (node_id, data, received_at, kind)"
-            " VALUES ($1, '{\"status\": \"relay3_on\"}', now(), 'event')",
-            node.node_id,
-        )
+        await asyncio.sleep(5 * FAST_SWEEP_S)  # the old event confirms nothing
+        assert (await first.commands.get(record.message_id)).status == "sent"
+        # the node's `relay3_on` now, stored by the other gateway's batch
+        await first.db.pool.execute(relay3_on, node.node_id)
         done = await settled(first, record.message_id)
     assert done.status == "executed" and done.reason == "inferred"
     assert statuses(done) == ["queued", "sent", "executed"]
