@@ -132,18 +132,20 @@ class Tracker:
     def on_stored(self, rows: Sequence[Accepted]) -> None:
         if self.c.amqp.shared(topology.SENSOR_QUEUE):
             return  # this process sees only part of the events: ``infer_from_stored``
-        self._latest_event = None  # not looked at from the database while alone
-        self._events_after = {}
         for row in rows:
             m = row.message
             if m.kind == "event" and m.status is not None:
                 self._infer(m.node_id, m.status)
 
-    async def infer_from_stored(self) -> None:
-        """With other gateways ingesting too, a legacy node's status event may have been
-        stored by any of them: the events stored since the last look, from the database.
-        Each node's events are read from the newest row as of the sweep before its wait
-        began (a legacy node answers within milliseconds of the command)."""
+    async def infer_from_stored(self, shared: bool) -> None:
+        """With other gateways ingesting too (``shared``), a legacy node's status event may
+        have been stored by any of them: the events stored since the last look, from the
+        database. Each node's events are read from the newest row as of the sweep before
+        its wait began (a legacy node answers within milliseconds of the command). Alone,
+        ``on_stored`` sees every event and nothing is read."""
+        if not shared:
+            self._latest_event, self._events_after = None, {}
+            return
         before, self._latest_event = (
             self._latest_event,
             await self._retrying(outbox.last_event_id),

@@ -389,19 +389,22 @@ class Commands:
         for moved in await self.retrying(lambda c: outbox.expire_due(c, at)):
             self.scheduler.remove(moved.message_id)
             self.emit(moved)
-        self.tracker.check_timeouts(time.monotonic())
         self.intake.offer_late(time.monotonic())
+        if not self.active.is_set():
+            return  # the rest is the holder's: it has the commands in flight and their copies
+        self.tracker.check_timeouts(time.monotonic())
         await self.tracker.clear_settled_retained(at)
-        if self.active.is_set() and time.monotonic() - self._orphans_at > ORPHAN_SCAN_S:
+        if time.monotonic() - self._orphans_at > ORPHAN_SCAN_S:
             self._orphans_at = time.monotonic()
             await self._adopt_orphans()
-        if self.active.is_set() and self.amqp.shared(topology.SENSOR_QUEUE):
+        shared = self.amqp.shared(topology.SENSOR_QUEUE)
+        if shared:
             # other gateways ingest part of every node's messages: a node this one has
             # commands for may be back although none of them came here yet
             waiting = [n for n in self.scheduler.waiting_nodes() if not self.presence.is_online(n)]
             if waiting:
                 await self.presence.catch_up(waiting)
-            await self.tracker.infer_from_stored()
+        await self.tracker.infer_from_stored(shared)
         if self.scheduler.has_work:
             self._wake.set()
 
@@ -414,10 +417,13 @@ class Commands:
         if not unknown:
             return
         rows = await self.retrying(lambda c: outbox.fetch_many(c, unknown))
-        for row in rows:
-            if row.status == "queued":
-                self.offer(pending_of(row))
-        log.info("commands: %d queued in the outbox and held by no one, now dispatched", len(rows))
+        orphans = [pending_of(row) for row in rows if row.status == "queued"]
+        for pending in orphans:
+            self.offer(pending)
+        if orphans:
+            log.info(
+                "commands: %d queued in the outbox and held by no one, now offered", len(orphans)
+            )
 
     # -- helpers -------------------------------------------------------------------------
     def emit(self, moved: Moved) -> None:

@@ -199,12 +199,7 @@ class Presence:
             if state is None or state.deadline != due:
                 continue  # deleted node, or a stale entry
             state.deadline = None
-            if state.status != "online":
-                continue
-            deadline = state.last_seen + self.threshold(state)
-            if deadline > now:
-                self._arm(node_id, state, deadline)
-            else:
+            if state.status == "online" and not self._rearmed(node_id, state, now):
                 out.append(node_id)
         return out
 
@@ -212,13 +207,18 @@ class Presence:
         for node_id in node_ids:
             state = self.nodes.get(node_id)
             if state is None or state.status != "online" or state.deadline is not None:
-                continue
-            deadline = state.last_seen + self.threshold(state)
-            if deadline > now:  # heard of meanwhile (another gateway heard it)
-                self._arm(node_id, state, deadline)
-            else:
+                continue  # gone, offline already, or heard from meanwhile
+            if not self._rearmed(node_id, state, now):  # (another gateway heard it?)
                 reason: Reason = "startup" if state.restored else "timeout"
                 self._transition(node_id, state, "offline", reason, now)
+
+    def _rearmed(self, node_id: str, state: NodeState, now: float) -> bool:
+        """Re-arm a node whose threshold has not run out since it was last heard of."""
+        deadline = state.last_seen + self.threshold(state)
+        if deadline <= now:
+            return False
+        self._arm(node_id, state, deadline)
+        return True
 
     async def _second_opinion(self, node_ids: list[str]) -> list[Record] | None:
         """What ``nodes`` says of these nodes; None while the database is out of reach."""

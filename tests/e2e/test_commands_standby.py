@@ -10,13 +10,17 @@ import contextlib
 
 import pytest
 
-from rnr_gateway.amqp import STANDBY_RETRY_S
+from rnr_gateway import outbox
+from rnr_gateway.amqp import STANDBY_RETRY_S, Amqp, Consumer
+from rnr_gateway.command_codec import NewCommand, Options
 from rnr_gateway.gateway import Gateway
+from rnr_gateway.metrics import Metrics
 from rnr_gateway.settings import Settings
 from tests.conftest import eventually, running
 from tests.e2e.command_node import FAST, TestNode, fast, settled, statuses
 
 FAST_SWEEP_S = FAST.sweep_interval_s
+QUEUES = ("device_commands_enhanced", "device_acks")
 
 
 async def heard(gw: Gateway, node: TestNode) -> None:
@@ -100,3 +104,36 @@ async def test_a_legacy_node_s_status_event_stored_by_the_other_gateway_confirms
     assert done.status == "executed" and done.reason == "inferred"
     assert statuses(done) == ["queued", "sent", "executed"]
     assert [c["message_id"] for c in node.log.received] == [record.message_id]
+
+
+async def test_the_gateway_standing_by_leaves_retained_copies_to_the_holder(
+    settings: Settings,
+) -> None:
+    s = fast(settings)
+    # another holder of the command queues: the consumers alone, no sweep of its own
+    holder = Amqp(s.amqp, Metrics(), [Consumer(q, lambda m: None, exclusive=True) for q in QUEUES])
+    async with holder, running(Gateway(s)) as gateway:
+        assert holder.exclusive and not gateway.commands.active.is_set()
+        new = NewCommand.create("NODE-RET", {"action": "PING"}, Options(5, 300, True))
+        async with gateway.db.pool.acquire() as conn:
+            await outbox.insert(conn, [new], "accepted")
+            # acked, its retained copy not cleared yet: only the holder knows what
+            # devices/NODE-RET/commands/last holds now
+            await conn.execute(
+                "UPDATE commands SET status = 'executed', attempts = 1 WHERE message_id = $1",
+                new.message_id,
+            )
+
+        async def cleared() -> bool:
+            return bool(
+                await gateway.db.pool.fetchval(
+                    "SELECT retain_cleared_at IS NOT NULL FROM commands WHERE message_id = $1",
+                    new.message_id,
+                )
+            )
+
+        await asyncio.sleep(10 * FAST_SWEEP_S)  # ten sweeps of the gateway standing by
+        assert not await cleared()
+        await holder.__aexit__(None, None, None)  # the gateway takes the queues over
+        await eventually(gateway.commands.active.is_set, bool, within=STANDBY_RETRY_S + 10)
+        await eventually(cleared, bool)  # now its sweep settles the copy
