@@ -24,6 +24,7 @@ from .ingest import Ingest
 from .metrics import Metrics
 from .mqtt import Mqtt
 from .presence import Presence, Transition
+from .relay import Relay
 from .settings import Settings
 from .store import Accepted
 from .web.app import bind, build_app, make_server
@@ -81,8 +82,16 @@ class Gateway:
             # again, the other stops waiting out its backoff
             self.amqp.on_restored.append(self.mqtt.retry_now)
             self.mqtt.on_restored.append(self.amqp.retry_now)
+        # with other gateways on the vhost, their stored readings and command transitions
+        # reach this one's WebSocket clients too (and this one's theirs)
+        self.relay = Relay(
+            self.db,
+            self.metrics,
+            self.hub.publish,
+            partial(self.amqp.shared, topology.SENSOR_QUEUE),
+        )
         self.commands = Commands(
-            settings, self.db, self.amqp, self.mqtt, self.metrics, self.presence, self.hub.publish
+            settings, self.db, self.amqp, self.mqtt, self.metrics, self.presence, self._push
         )
         self.amqp.consumers += tuple(self.commands.consumers())
         self.consumed_queues += tuple(c.queue for c in self.commands.consumers())
@@ -115,6 +124,7 @@ class Gateway:
                         tg.create_task(self.mqtt.run(), name="mqtt"),
                         tg.create_task(self.commands.run(), name="commands"),
                         tg.create_task(self._stats_loop(), name="stats"),
+                        tg.create_task(self.relay.run(), name="relay"),
                     ]
                     http = tg.create_task(self._server.serve(sockets=[sock]), name="http")
                     for name, extra in self.extras.items():
@@ -173,13 +183,18 @@ class Gateway:
         self.amqp.request_stop()
 
     # -- events ------------------------------------------------------------------------
+    def _push(self, event: dict[str, Any]) -> None:
+        """A committed event: to this gateway's WebSocket clients and the other gateways'."""
+        self.hub.publish(event)
+        self.relay.share(event)
+
     def _push_messages(self, rows: Sequence[Accepted]) -> None:
-        if not self.hub.clients:
+        if not self.hub.clients and not self.relay.sharing():
             return
         for row in rows:
             m = row.message
             if m.kind in PUSHED_KINDS:
-                self.hub.publish(
+                self._push(
                     {
                         "type": "sensor_data",
                         "node_id": m.node_id,

@@ -99,6 +99,18 @@ class Metrics:
         self.ws_closed_slow = Counter(
             "rnr_ws_closed_slow", "Clients closed for staying too slow", registry=r
         )
+        self.relayed = Counter(
+            "rnr_ws_relayed",
+            "Live events exchanged with other gateways (direction: sent | received)",
+            ["direction"],
+            registry=r,
+        )
+        self.relay_dropped = Counter(
+            "rnr_ws_relay_dropped",
+            "Live events not relayed to other gateways (reason: backlog | oversize | database)",
+            ["reason"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "rnr_http_requests",
             "HTTP requests by route class and status",
