@@ -133,6 +133,10 @@ def validate(body: Mapping[str, Any]) -> str:
             raise InvalidCommand("body", "parameter names must be non-empty strings")
         if isinstance(value, dict | list):
             raise InvalidCommand(key, "parameters must be flat (no objects or arrays)")
+        if "\x00" in key or (isinstance(value, str) and "\x00" in value):
+            raise InvalidCommand(
+                key[:64], "contains a NUL character (\\u0000), which is not stored"
+            )
     message_id = body.get("message_id")
     if message_id is not None and (
         not isinstance(message_id, str) or MESSAGE_ID.fullmatch(message_id) is None
@@ -206,7 +210,9 @@ def decode_ack(routing_key: str, body: bytes) -> Ack:
     if status not in ACK_STATUSES:
         raise BadMessage("bad_ack", f"status {status!r:.40} is not one of {sorted(ACK_STATUSES)}")
     detail = data.get("detail")
-    return Ack(node_id, message_id, cast(AckStatus, status), str(detail)[:500] if detail else "")
+    # a NUL character is not text PostgreSQL stores: replaced, the ack still counts
+    text = str(detail).replace("\x00", "\ufffd")[:500] if detail else ""
+    return Ack(node_id, message_id, cast(AckStatus, status), text)
 
 
 # -- records ------------------------------------------------------------------------------

@@ -45,6 +45,14 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 CONNECT_FAILURE: tuple[type[BaseException], ...] = (*TRANSIENT, asyncpg.PostgresError)
 
 
+def refused(exc: BaseException) -> bool:
+    """Whether the data itself was refused, by the server or by the driver encoding it (a
+    ``ValueError``, though asyncpg's is an ``InterfaceError`` too): not an outage."""
+    if isinstance(exc, ValueError):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT)
+
+
 class Database:
     """Owns the pool. ``retrying`` runs a unit of work until it succeeds or stop is set."""
 
@@ -112,6 +120,8 @@ class Database:
                 async with self.pool.acquire(timeout=self.settings.command_timeout_s) as conn:
                     result = await work(conn)
             except TRANSIENT as exc:
+                if refused(exc):
+                    raise  # the data, not the database: retrying would loop
                 self._mark_down(exc)
                 if stop.is_set():
                     raise DependencyUnavailable(

@@ -25,7 +25,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 from . import store, topology
 from .amqp_inbound import Inbound
 from .codec import decode
-from .db import TRANSIENT, Database
+from .db import Database, refused
 from .errors import BadMessage, DependencyUnavailable
 from .metrics import Metrics
 from .settings import IngestSettings
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .db import Conn
 
 log = logging.getLogger(__name__)
+REFUSABLE = (asyncpg.PostgresError, ValueError)  # see db.refused
 OnStored = Callable[[Sequence[Accepted]], None]
 
 
@@ -191,8 +192,8 @@ class Ingest:
     ) -> store.BatchResult:
         try:
             return await store.write_batch(conn, accepted, failed)
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, TRANSIENT):  # e.g. a shutdown: the database, not the data
+        except REFUSABLE as exc:
+            if not refused(exc):  # e.g. a shutdown: the database, not the data
                 raise
             # data the database refuses: find the culprits one by one, keep the rest
             log.warning(
@@ -210,8 +211,8 @@ class Ingest:
         for row in list(accepted):
             try:
                 one = await store.write_batch(conn, [row], [])
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, TRANSIENT):
+            except REFUSABLE as exc:
+                if not refused(exc):
                     raise
                 accepted.remove(row)
                 failed.append(_refused(row, exc))
@@ -219,7 +220,7 @@ class Ingest:
                 inserted += one.inserted
                 duplicates += one.duplicates
                 stored.extend(one.stored)
-        await store.write_batch(conn, [], failed)
+        await _record_failed(conn, failed)
         return store.BatchResult(inserted, duplicates, len(failed), stored)
 
     def _count(
@@ -395,6 +396,26 @@ def _dead_letter(message: Inbound) -> Failed:
     return Failed(
         source, routing_key, headers, message.body, reason, f"dead-lettered from {source}"
     )
+
+
+async def _record_failed(conn: Conn, failed: list[Failed]) -> None:
+    """The failed records; one the database refuses even alone is kept as its body, with
+    the reason ``unrecordable`` (the body is bytes: always storable)."""
+    try:
+        await store.write_batch(conn, [], failed)
+        return
+    except REFUSABLE as exc:
+        if not refused(exc):
+            raise
+    for bad in failed:
+        try:
+            await store.write_batch(conn, [], [bad])
+        except REFUSABLE as exc:
+            if not refused(exc):
+                raise
+            log.error("failed message on %r unrecordable as is: %s", bad.routing_key, exc)
+            bare = Failed(bad.source, "", {}, bad.body, "unrecordable", str(exc)[:200])
+            await store.write_batch(conn, [], [bare])
 
 
 def _refused(row: Accepted, exc: BaseException) -> Failed:

@@ -193,15 +193,29 @@ def _failed_columns(rows: Sequence[Failed]) -> list[list[Any]]:
         seen[fp] = len(seen)
         values = (
             fp,
-            row.source,
-            row.routing_key,
-            orjson.dumps(row.headers, default=str).decode(),
-            row.body[:MAX_FAILED_BODY],
+            _text(row.source),
+            _text(row.routing_key),
+            orjson.dumps(_text(row.headers), default=str).decode(),
+            row.body[:MAX_FAILED_BODY],  # bytea: kept as it came
             len(row.body) > MAX_FAILED_BODY,
-            row.reason,
-            row.detail[:1000],
+            _text(row.reason),
+            _text(row.detail[:1000]),
             1,
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
     return cols
+
+
+def _text(value: Any, depth: int = 0) -> Any:
+    """``value`` with NUL characters replaced in its strings (keys too): PostgreSQL's text
+    and jsonb refuse them, and a record of what went wrong must not fail in turn."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if depth > 8:
+        return str(value).replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_text(str(k)): _text(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_text(v, depth + 1) for v in value]
+    return value

@@ -244,17 +244,25 @@ async def test_unknown_late_and_malformed_acks_are_recorded_and_harmless(
     async with node.connected(gw):
         await node.send("ack", {"message_id": "no-such-command", "status": "executed"})
         await node.send("ack", b"{not json")
+        # a NUL character (which PostgreSQL's text refuses) in the detail: the ack counts
+        await node.send(
+            "ack", b'{"message_id":"nul-detail","status":"failed","detail":"a\\u0000b"}'
+        )
         record = await gw.commands.submit("NODE-ACKS", {"action": "PING"})
         await settled(gw, record.message_id)
         await node.send("ack", {"message_id": record.message_id, "status": "executed"})
         unmatched = await eventually(
-            lambda: db.fetch("SELECT message_id, reason FROM command_acks_unmatched ORDER BY id"),
-            lambda rows: len(rows) >= 2,
+            lambda: db.fetch(
+                "SELECT message_id, reason, detail FROM command_acks_unmatched ORDER BY id"
+            ),
+            lambda rows: len(rows) >= 3,
         )
     assert [(r["message_id"], r["reason"]) for r in unmatched] == [
         ("no-such-command", "unknown_command"),
+        ("nul-detail", "unknown_command"),
         (record.message_id, "already_executed"),
     ]
+    assert unmatched[1]["detail"] == "a\ufffdb"
     failed = await db.fetch("SELECT routing_key, reason FROM failed_messages")
     assert [(r["routing_key"], r["reason"]) for r in failed] == [
         ("devices.NODE-ACKS.ack", "bad_json")

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import orjson
 import pytest
@@ -156,6 +157,35 @@ async def test_malformed_message_between_valid_ones_is_recorded_and_does_not_blo
     )
     assert ok == len(bad) + 1
     assert await db.fetchval("SELECT count(*) FROM sensor_data WHERE node_id <> 'OK-1'") == 0
+
+
+async def test_nul_characters_in_routing_key_and_headers_are_recorded_not_fatal(
+    gateway: Gateway, settings: Settings, db: asyncpg.Connection
+) -> None:
+    """PostgreSQL's text and jsonb refuse NUL: another AMQP producer's message with one in
+    its routing key or headers is still recorded with its reason, and ingest goes on."""
+    connection = await aio_pika.connect(settings.amqp.url.value, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("iot_data")
+        bad_key = aio_pika.Message(b'{"temperature": 1}', delivery_mode=2)
+        await exchange.publish(bad_key, "devices.A\x00B.data")
+        bad_header = aio_pika.Message(b"{nope", headers={"note": "x\x00y"}, delivery_mode=2)
+        await exchange.publish(bad_header, "devices.NUL-OK.data")
+        await exchange.publish(aio_pika.Message(b'{"temperature": 2}'), "devices.NUL-OK.data")
+    failed = await eventually(
+        lambda: db.fetch("SELECT routing_key, headers, reason FROM failed_messages ORDER BY id"),
+        lambda rows: len(rows) >= 2,
+    )
+    assert sorted((r["routing_key"], r["reason"]) for r in failed) == [
+        ("devices.A\ufffdB.data", "bad_node_id"),
+        ("devices.NUL-OK.data", "bad_json"),
+    ]
+    assert any(orjson.loads(r["headers"]).get("note") == "x\ufffdy" for r in failed)
+    stored = await eventually(
+        lambda: db.fetchval("SELECT count(*) FROM sensor_data WHERE node_id = 'NUL-OK'"), bool
+    )
+    assert stored == 1 and gateway.started.is_set()
 
 
 async def test_a_burst_of_bad_messages_is_counted_and_logged_once_per_batch(
