@@ -46,6 +46,8 @@ def test_every_legacy_command_is_valid(body: dict[str, Any]) -> None:
         ({"action": "FIRMWARE_UPDATE", "url": "ftp://x"}, "url", "http"),
         ({"action": "PING", "nested": {"a": 1}}, "nested", "flat"),
         ({"action": "PING", "message_id": "has space"}, "message_id", "A-Z"),
+        ({"action": "PING", "note": "a\x00b"}, "note", "NUL"),
+        ({"action": "PING", "a\x00": 1}, "a\x00", "NUL"),
     ],
 )
 def test_invalid_commands_name_the_field(body: dict[str, Any], field: str, words: str) -> None:
@@ -111,6 +113,10 @@ def test_ack_decoding() -> None:
         assert raised.value.reason == reason
     with pytest.raises(BadMessage):
         decode_ack("devices.N-1.data", b'{"message_id":"m1","status":"executed"}')
+    nul = decode_ack(
+        "devices.N-1.ack", b'{"message_id":"m1","status":"failed","detail":"a\\u0000"}'
+    )
+    assert nul.detail == "a\ufffd"  # storable text, and the ack still counts
 
 
 def test_inference_rules_match_the_legacy_fixture() -> None:
