@@ -18,6 +18,38 @@ class ContextFilter(logging.Filter):
         return True
 
 
+SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "cookie", "set-cookie"))
+
+
+class QueryRedaction(logging.Filter):
+    """uvicorn logs request targets with their query strings ("WebSocket /ws?token=…"
+    [accepted]) and, at DEBUG, the WebSocket handshake's headers ("< authorization: …").
+    The gateway never reads a credential from a query string, but a client may put one
+    there: queries and credential headers are hidden before the record is formatted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args:
+            if len(args) == 2 and str(args[0]).lower() in SECRET_HEADERS:
+                record.args = (args[0], "[hidden]")
+            else:
+                record.args = tuple(_cut_query(a) if isinstance(a, str) else a for a in args)
+        return True
+
+
+def _cut_query(text: str) -> str:
+    head, sep, _ = text.partition("?")
+    return head + "?[query hidden]" if sep else text
+
+
+def redact_server_logs() -> None:
+    """Install ``QueryRedaction`` on uvicorn's loggers (once)."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QueryRedaction) for f in logger.filters):
+            logger.addFilter(QueryRedaction())
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -225,3 +226,23 @@ async def test_frames_go_uncompressed_unless_ws_compression_is_on(settings: Sett
             agreed = socket.response.headers.get("Sec-WebSocket-Extensions")
             assert (agreed.split(";")[0] if agreed else None) == expected
             assert (await frame(socket))["type"] == "snapshot"
+
+
+async def test_a_token_in_a_query_string_never_reaches_the_log(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway never reads one from there, but uvicorn logs the target it was sent
+    (and, at DEBUG, the handshake's headers)."""
+    caplog.set_level(logging.DEBUG)
+    secret = TOKENS["read"]
+    async with connect(f"{url(gateway)}?token={secret}", proxy=None, additional_headers=AUTH):
+        pass
+    with pytest.raises(InvalidStatus):  # the query string is no credential
+        wrong = {"Authorization": "Bearer wrong-token"}
+        async with connect(f"{url(gateway)}?token={secret}", proxy=None, additional_headers=wrong):
+            pass
+    ours = [r.getMessage() for r in caplog.records if not r.name.startswith("websockets.client")]
+    targets = [line for line in ours if "WebSocket /ws" in line]
+    assert targets and all("?[query hidden]" in t for t in targets)
+    assert "< authorization: [hidden]" in ours  # the handshake's headers, at DEBUG
+    assert not [line for line in ours if secret in line]

@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..errors import PortInUse
+from ..log import redact_server_logs
 from . import commands, failed, health, nodes, ws
 from .errors import HttpError, error_response, handle_http_error
 
@@ -104,6 +105,7 @@ class Server(uvicorn.Server):
 
 
 def make_server(app: Starlette, graceful_s: float, ws_compression: bool = False) -> Server:
+    redact_server_logs()  # no query string (where a client may put a token) in a log
     config = uvicorn.Config(
         app,
         lifespan="off",
