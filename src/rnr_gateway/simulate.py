@@ -28,6 +28,7 @@ from .topics import data_topic, status_topic
 log = logging.getLogger(__name__)
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 FIRMWARE = "sim-1.0"
+BOOT_EPOCH = 1_700_000_000  # boot numbers count seconds from here (they fit an int4)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class FleetConfig:
     duration_s: float | None = None
     count: int | None = None  # messages per node, then stop
     node_prefix: str = "SIM"
-    boot: int = 1
+    # a new boot number each run (like a node that restarted): (boot, seq) of this run
+    # never repeats an earlier run's, which the gateway would take for duplicates
+    boot: int = field(default_factory=lambda: int(time.time()) - BOOT_EPOCH)
     progress_interval_s: float = 5.0
     readings_only: bool = False  # only readings (benchmarks), no heartbeats/events/pings
     connect_retries: int = 20
@@ -325,7 +328,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds, then stop")
     parser.add_argument("--count", type=int, default=None, help="messages per node, then stop")
     parser.add_argument("--prefix", default="SIM", help="node id prefix (default SIM)")
-    parser.add_argument("--boot", type=int, default=1, help="boot number of enhanced nodes")
+    parser.add_argument(
+        "--boot",
+        type=int,
+        default=None,
+        help="boot number of enhanced nodes (default: a new one each run)",
+    )
     parser.add_argument(
         "--readings-only",
         action="store_true",
@@ -345,6 +353,6 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> FleetConfi
         duration_s=args.duration,
         count=args.count,
         node_prefix=args.prefix,
-        boot=args.boot,
+        **({} if args.boot is None else {"boot": args.boot}),
         readings_only=args.readings_only,
     )
