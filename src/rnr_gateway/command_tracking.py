@@ -244,6 +244,26 @@ class Tracker:
             else:
                 self._silent.discard(m.node_id)  # it acks after all
             await self._after(m)
+        self._release_unsent(batch, moved)
+
+    def _release_unsent(
+        self, batch: list[Item], moved: list[tuple[Moved, Ack | Inferred | Pending]]
+    ) -> None:
+        """A PUBACK that recorded nothing, with no ack having taken the command on either:
+        it expired or was cancelled while its publish was under way. The node refuses it
+        (``expires_at``); its slot is free (nothing else would ever free it)."""
+        done = {m.message_id for m, source in moved if isinstance(source, Pending)}
+        for item in batch:
+            if not isinstance(item, Pending) or item.message_id in done:
+                continue
+            if self.c.scheduler.publishing(item.node_id, item.message_id):
+                log.info(
+                    "command %s to %s was confirmed by the broker after it was settled "
+                    "(expired or cancelled meanwhile)",
+                    item.message_id,
+                    item.node_id,
+                )
+                self._settle(item.node_id, item.message_id)
 
     async def _after(self, moved: Moved) -> None:
         """Effects of a committed ack or inference (its event is out): the retained copy,

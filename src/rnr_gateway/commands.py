@@ -351,8 +351,12 @@ class Commands:
 
     async def _send(self, cmd: Pending) -> None:
         try:
+            if not self._unexpired(cmd):
+                return
             if cmd.retain:
                 await self.tracker.publish_retained(cmd)
+                if not self._unexpired(cmd):
+                    return
             await self.mqtt.publish(command_topic(cmd.node_id), cmd.payload, qos=1)
         except PublishUnconfirmed as exc:
             log.warning(
@@ -370,6 +374,19 @@ class Commands:
             self.scheduler.settle(cmd.node_id, cmd.message_id)
             return
         self.tracker.published(cmd)
+
+    def _unexpired(self, cmd: Pending) -> bool:
+        """Checked right before each publish (the claim checked too, but a publish before
+        this one may have taken long): an expired command is never handed to MQTT; the
+        sweep records it ``expired``."""
+        if time.time() < cmd.expires_at:
+            return True
+        log.info(
+            "command %s to %s expired before its publish; not sent", cmd.message_id, cmd.node_id
+        )
+        self.scheduler.settle(cmd.node_id, cmd.message_id)
+        self._wake.set()
+        return False
 
     # -- sweep ---------------------------------------------------------------------------
     async def _sweep_loop(self) -> None:

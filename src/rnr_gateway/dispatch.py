@@ -145,6 +145,10 @@ class Scheduler:
         if flying is not None and message_id in flying:
             flying[message_id] = deadline
 
+    def publishing(self, node_id: str, message_id: str) -> bool:
+        """In flight with no deadline yet: taken for a publish that no PUBACK has settled."""
+        return self._in_flight.get(node_id, {}).get(message_id) == math.inf
+
     def settle(self, node_id: str, message_id: str) -> bool:
         """Free the slot (final ack or ack timeout). False if it was not in flight."""
         flying = self._in_flight.get(node_id)

@@ -15,6 +15,7 @@ class TcpProxy:
         self.host, self.port = host, port
         self.listen_port = 0
         self.swallow_replies = False  # server → client bytes are discarded while set
+        self.reply_delay_s = 0.0  # server → client bytes are held this long (in order)
         self.refuse = False  # new connections are closed at once while set
         self.connections = 0
         self._server: asyncio.Server | None = None
@@ -56,7 +57,9 @@ class TcpProxy:
         self._open.add(pair)
         pumps = {
             asyncio.ensure_future(_pump(reader, up_writer, lambda: False)),
-            asyncio.ensure_future(_pump(up_reader, writer, lambda: self.swallow_replies)),
+            asyncio.ensure_future(
+                _pump(up_reader, writer, lambda: self.swallow_replies, lambda: self.reply_delay_s)
+            ),
         }
         self._tasks.update(pumps)
         try:
@@ -71,11 +74,16 @@ class TcpProxy:
 
 
 async def _pump(
-    src: asyncio.StreamReader, dst: asyncio.StreamWriter, swallow: Callable[[], bool]
+    src: asyncio.StreamReader,
+    dst: asyncio.StreamWriter,
+    swallow: Callable[[], bool],
+    delay_s: Callable[[], float] = lambda: 0.0,
 ) -> None:
     with contextlib.suppress(ConnectionError, OSError):
         while data := await src.read(65536):
             if swallow():
                 continue
+            if delay_s():
+                await asyncio.sleep(delay_s())
             dst.write(data)
             await dst.drain()

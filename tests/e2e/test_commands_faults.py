@@ -50,6 +50,39 @@ async def test_connection_dropped_before_puback_resends_same_id_executed_once(
     assert unconfirmed == 1 and proxy.connections == 2
 
 
+async def test_expiry_during_a_slow_publish_never_sends_late_nor_blocks_the_node(
+    settings: Settings,
+) -> None:
+    """The broker's PUBACKs come 1.5 s late; commands live 1 s. The sweep records them
+    expired meanwhile: the late PUBACK frees the node's slot, and a command whose retained
+    copy took that long is not published at all."""
+    s = fast(settings)
+    s = replace(s, mqtt=replace(s.mqtt, publish_timeout_s=5.0))
+    async with TcpProxy(s.mqtt.host, s.mqtt.port) as proxy:
+        via_proxy = replace(s, mqtt=replace(s.mqtt, host="127.0.0.1", port=proxy.listen_port))
+        async with running(Gateway(via_proxy)) as gw:
+            node = TestNode(s, "NODE-SLOW", acks=False)  # legacy: the PUBACK is all there is
+            other = TestNode(s, "NODE-SLOW2", acks=False)
+            async with node.connected(gw), other.connected(gw):
+                await eventually(gw.mqtt.connected.is_set, bool)
+                proxy.reply_delay_s = 1.5
+                late = await gw.commands.submit("NODE-SLOW", {"action": "PING"}, ttl_s=1.0)
+                kept = await gw.commands.submit(
+                    "NODE-SLOW2", {"action": "PING", "n": 2}, ttl_s=1.0, retain=True
+                )
+                first = await settled(gw, late.message_id, frozenset({"expired"}), within=5)
+                second = await settled(gw, kept.message_id, frozenset({"expired"}), within=8)
+                proxy.reply_delay_s = 0.0
+                # the node is not held by either: a fresh command goes out and is sent
+                after = await gw.commands.submit("NODE-SLOW", {"action": "PING", "n": 3})
+                sent = await settled(gw, after.message_id, frozenset({"sent"}), within=10)
+    assert late.message_id in node.log.ids  # published before it expired (the node judges)
+    assert first.attempts == 1 and statuses(first) == ["queued", "expired"]
+    assert kept.message_id not in other.log.ids  # expired while its retained copy went out
+    assert statuses(second) == ["queued", "expired"]
+    assert sent.status == "sent" and after.message_id in node.log.ids
+
+
 @pytest.mark.slow
 async def test_gateway_killed_with_commands_in_flight_loses_none_duplicates_none(
     settings: Settings, db: asyncpg.Connection, tmp_path: Path
