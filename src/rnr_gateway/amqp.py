@@ -331,6 +331,16 @@ class Amqp:
         self.consumer_counts = counts
         return counts
 
+    async def ready(self, queues: Sequence[str]) -> int:
+        """Messages waiting in these queues, not yet delivered to any consumer."""
+        if self._consume_channel is None:
+            return 0
+        total = 0
+        for name in queues:
+            ok = await self._consume_channel.declare_queue(name, passive=True)
+            total += int(ok.declaration_result.message_count or 0)
+        return total
+
     def shared(self, queue: str) -> bool:
         """Whether another process consumed this queue too at the last consumer check."""
         return self.consumer_counts.get(queue, 0) > 1

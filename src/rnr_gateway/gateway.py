@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from . import topology
-from .amqp import Amqp, Consumer
+from .amqp import AMQP_FAILURE, Amqp, Consumer
 from .broadcast import Hub
 from .commands import Commands
 from .db import TRANSIENT, Database, pending_migrations
@@ -64,6 +64,7 @@ class Gateway:
         self.auth = Authenticator(settings.http)
         self.presence = Presence(settings.presence, self.db, self.metrics, clock)
         self.presence.add_listener(self._push_transition)
+        self.presence.backlog = self._ingest_backlog
         self.ingest = Ingest(
             settings.ingest,
             self.db,
@@ -181,6 +182,15 @@ class Gateway:
             await asyncio.wait_for(asyncio.shield(http), timeout=max(0.5, deadline - loop.time()))
         self.mqtt.request_stop()
         self.amqp.request_stop()
+
+    async def _ingest_backlog(self) -> int:
+        """Messages the broker still holds for ingest (0 when it cannot tell now)."""
+        try:
+            async with asyncio.timeout(self.settings.amqp.socket_timeout_s):
+                return await self.amqp.ready((topology.SENSOR_QUEUE, topology.STATUS_QUEUE))
+        except AMQP_FAILURE as exc:  # (GatewayError among them)
+            log.debug("ingest backlog unknown: %s", exc)
+            return 0
 
     # -- events ------------------------------------------------------------------------
     def _push(self, event: dict[str, Any]) -> None:

@@ -6,7 +6,10 @@ or when nothing was heard for longer than its threshold. The threshold is
 a moving average of the gaps between its messages, so a node that reports every 30 s gets
 a 75 s threshold and never flaps. Until a node's interval is known (one message seen) the
 threshold is at least ``NEW_NODE_THRESHOLD_S`` (60 s), so a slow reporter does not
-flap on its first gap.
+flap on its first gap; one slower still is timed out once, and the gap that brings it
+back is learned, so it does not flap again. A gap counts at most ``SAMPLE_CAP`` times the
+interval known, gaps across this gateway's restart are not learned, and intervals are
+stored in ``nodes.report_interval_s`` as they change, so they survive a restart.
 
 Cost: only online nodes have an entry in the deadline heap (one, plus a stale one while
 the interval is being learned); a message
@@ -22,7 +25,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -46,6 +49,14 @@ INTERVAL_MULTIPLE = 2.5
 TICK_CHUNK = 2000
 MAX_THRESHOLD_S = 6 * 3600.0
 EWMA_WEIGHT = 0.3
+# one gap counts at most this many times the interval known so far: a pause of the
+# gateway's own (a database outage, a backlog) never makes a node's threshold hours long
+SAMPLE_CAP = 3.0
+SAVE_CHANGE = 0.2  # a learned interval is saved once it moved this much from the stored one
+# after a restart, nodes restored as online are judged only once the backlog the broker
+# kept is ingested (messages still waiting in the ingest queues), at most this long
+MAX_STARTUP_GRACE_S = 300.0
+Backlog = Callable[[], Awaitable[int]]
 Clock = Callable[[], float]  # wall-clock epoch seconds (injected in tests)
 
 
@@ -81,6 +92,8 @@ class NodeState:
     deadline: float | None = None  # of its live entry in the deadline heap, if any
     restored: bool = False  # loaded at start and not heard from since
     changed_at: float = 0.0  # of its last transition here
+    timed_out: bool = False  # offline because it went silent (not by LWT or status)
+    saved_interval_s: float | None = None  # as stored in nodes.report_interval_s
 
 
 class Presence:
@@ -102,7 +115,10 @@ class Presence:
         self._listeners: list[Callable[[Transition], None]] = []
         self._flush = asyncio.Event()
         self._stop = asyncio.Event()
+        self._unsaved: set[str] = set()  # nodes whose learned interval is not stored yet
         self.started_at = clock()
+        # messages still waiting in the ingest queues (set by the gateway); None: no wait
+        self.backlog: Backlog | None = None
 
     # -- queries -----------------------------------------------------------------------
     def is_online(self, node_id: str) -> bool:
@@ -148,13 +164,13 @@ class Presence:
         if state is None:
             state = self.nodes[node_id] = NodeState("unknown", at)
         elif at > state.last_seen:
+            # a gap is the node's interval while it was online, or silent past a threshold
+            # that was too short for it (so a slow reporter stops flapping after one
+            # timeout); not across this gateway's restart, an LWT or an offline status
             gap = at - state.last_seen
-            if state.status == "online" and gap > 0.05:
-                state.interval_s = (
-                    gap
-                    if state.interval_s is None
-                    else EWMA_WEIGHT * gap + (1 - EWMA_WEIGHT) * state.interval_s
-                )
+            learn = state.status == "online" or (state.status == "offline" and state.timed_out)
+            if learn and not state.restored and gap > 0.05:
+                self._learn(node_id, state, gap)
             state.last_seen = at
         state.restored = False
         if state.status != "online":
@@ -164,6 +180,17 @@ class Presence:
         # was just learned) needs an entry of its own, the old one then being stale
         if state.deadline is None or target < state.deadline:
             self._arm(node_id, state, target)
+
+    def _learn(self, node_id: str, state: NodeState, gap: float) -> None:
+        known = state.interval_s
+        if known is None:
+            state.interval_s = min(gap, MAX_THRESHOLD_S / INTERVAL_MULTIPLE)
+        else:
+            sample = min(gap, SAMPLE_CAP * known)
+            state.interval_s = EWMA_WEIGHT * sample + (1 - EWMA_WEIGHT) * known
+        saved = state.saved_interval_s
+        if saved is None or abs(state.interval_s - saved) > SAVE_CHANGE * saved:
+            self._unsaved.add(node_id)
 
     def _arm(self, node_id: str, state: NodeState, deadline: float) -> None:
         state.deadline = deadline
@@ -270,6 +297,29 @@ class Presence:
                 why: Reason = OFFLINE_REASONS.get(row["reason"], "status")
                 self._transition(row["node_id"], state, "offline", why, state.last_seen)
 
+    async def _after_backlog(self, node_ids: list[str], now: float) -> list[str]:
+        """Nodes restored as online wait while the broker still holds messages for the
+        ingest (theirs may be among them): judged a check interval later, so a node that
+        kept reporting while this gateway was down never shows an offline/online pair."""
+        restored = [n for n in node_ids if n in self.nodes and self.nodes[n].restored]
+        if not restored or self.backlog is None or now - self.started_at > MAX_STARTUP_GRACE_S:
+            return node_ids
+        waiting = await self.backlog()
+        if not waiting:
+            return node_ids
+        later = now + self.settings.status_check_interval_s
+        for node_id in restored:
+            state = self.nodes[node_id]
+            if state.deadline is None:
+                self._arm(node_id, state, later)
+        log.info(
+            "presence: %d restored nodes judged once the %d messages waiting are ingested",
+            len(restored),
+            waiting,
+        )
+        held = set(restored)
+        return [n for n in node_ids if n not in held]
+
     def due(self, now: float) -> bool:
         """Whether a node's deadline is at or before ``now``, still to be looked at."""
         return bool(self._heap) and self._heap[0][0] <= now
@@ -280,6 +330,7 @@ class Presence:
         # a node's history runs forward: a message received just before a timeout but
         # committed after it brings the node back at the timeout's moment, not before it
         at = state.changed_at = max(at, state.changed_at)
+        state.timed_out = status == "offline" and reason in ("timeout", "startup")
         event = Transition(node_id, state.status, status, reason, at)
         self._online += (status == "online") - (state.status == "online")
         state.status = status
@@ -307,8 +358,9 @@ class Presence:
         grace_until = self.clock() + self.settings.status_check_interval_s
         for row in rows:
             status: Status = "online" if row["status"] == "online" else "offline"
+            interval = row["report_interval_s"]
             state = NodeState(
-                status, float(row["last_seen"]), row["report_interval_s"], restored=True
+                status, float(row["last_seen"]), interval, restored=True, saved_interval_s=interval
             )
             self.nodes[row["node_id"]] = state
             if status == "online":
@@ -337,12 +389,15 @@ class Presence:
                 busy += time.perf_counter() - started
                 if silent:
                     await self._heard_elsewhere(silent)
+                    silent = await self._after_backlog(silent, now)
                     started = time.perf_counter()
                     self._expire(silent, now)
                     busy += time.perf_counter() - started
                 if not self.due(now):
                     break
                 await asyncio.sleep(0)  # ingest and WebSocket senders run between chunks
+            if self._unsaved:
+                self._flush.set()  # learned intervals, stored so they survive a restart
             self.metrics.presence_tick_seconds.observe(busy)
             online, offline = self.counts()
             self.metrics.nodes.labels("online").set(online)
@@ -359,16 +414,25 @@ class Presence:
                 return
 
     async def flush(self) -> None:
-        """Persist pending transitions (and learned intervals) in one transaction."""
-        if not self._pending:
+        """Persist pending transitions and learned intervals in one transaction."""
+        if not self._pending and not self._unsaved:
             return
         batch, self._pending = self._pending, []
-        intervals = {t.node_id: self.nodes[t.node_id].interval_s for t in batch}
+        unsaved, self._unsaved = self._unsaved, set()
+        intervals = {
+            n: state.interval_s
+            for n in unsaved | {t.node_id for t in batch}
+            if (state := self.nodes.get(n)) is not None
+        }
         try:
             await self.db.retrying(lambda conn: _write(conn, batch, intervals), self._stop)
         except Exception:
             self._pending[:0] = batch  # keep them for the next attempt
+            self._unsaved |= unsaved
             raise
+        for node_id, interval in intervals.items():
+            if (state := self.nodes.get(node_id)) is not None:
+                state.saved_interval_s = interval
 
 
 # A transition is stored unless the node's history already says the same at that moment:
@@ -391,7 +455,17 @@ WHERE $3 IS DISTINCT FROM (SELECT to_status FROM node_events
 
 async def _write(conn: Conn, batch: list[Transition], intervals: dict[str, float | None]) -> None:
     latest = {t.node_id: t for t in batch}
+    learned = sorted((n, v) for n, v in intervals.items() if n not in latest and v is not None)
     async with conn.transaction():
+        if learned:
+            await conn.execute(
+                "UPDATE nodes SET report_interval_s = x.v"
+                " FROM unnest($1::text[], $2::float8[]) AS x(n, v) WHERE nodes.node_id = x.n",
+                [n for n, _ in learned],
+                [v for _, v in learned],
+            )
+        if not latest:
+            return
         await conn.execute(LOCK_NODES, sorted(latest))
         await conn.executemany(
             INSERT_EVENT,

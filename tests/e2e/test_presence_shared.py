@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import pytest
+
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.metrics import Metrics
 from rnr_gateway.presence import Presence, Transition
@@ -102,3 +104,25 @@ async def test_catch_up_takes_a_node_another_gateway_heard_lately(settings: Sett
             "offline",
         ]
         assert presence.status("NEVER-SEEN") == "unknown"
+
+
+async def test_a_learned_interval_is_stored_without_a_transition(settings: Settings) -> None:
+    async with running(Gateway(replace(settings, presence=FAST))) as gateway:
+        await gateway.db.pool.execute(
+            "INSERT INTO nodes (node_id, last_seen, status) VALUES ('STEADY', now(), 'online')"
+        )
+        presence, start = gateway.presence, gateway.presence.clock()
+        for i in range(5):  # a node that stays online: one transition, then none
+            presence.heard("STEADY", start + 0.5 * i)
+        await presence.flush()
+        stored = await gateway.db.pool.fetchval(
+            "SELECT report_interval_s FROM nodes WHERE node_id = 'STEADY'"
+        )
+        assert stored == presence.nodes["STEADY"].interval_s == 0.5
+        for i in range(5, 15):  # it slows down to 2 s: the new interval is stored too
+            presence.heard("STEADY", start + 2.0 + 2.0 * i)
+        await presence.flush()
+        stored = await gateway.db.pool.fetchval(
+            "SELECT report_interval_s FROM nodes WHERE node_id = 'STEADY'"
+        )
+        assert stored == pytest.approx(presence.nodes["STEADY"].interval_s) and stored > 1.5

@@ -277,3 +277,72 @@ def test_a_node_s_transitions_never_go_back_in_time() -> None:
         ("online", "message"),
     ]
     assert seen[2].at == seen[1].at == clock.now  # back at the timeout's moment
+
+
+@pytest.mark.parametrize("every_s", [70.0, 120.0, 300.0])
+def test_a_reporter_slower_than_probation_is_timed_out_once_then_never_flaps(
+    every_s: float,
+) -> None:
+    presence, clock, seen = make()
+    for _ in range(20):
+        presence.heard("SLOWER", clock.now)
+        tick_until(presence, clock, clock.now + every_s, step=5.0)
+    # its first gap outlasts the 60 s probation: one timeout, and that gap is learned
+    assert [(t.status, t.reason) for t in seen] == [
+        ("online", "message"),
+        ("offline", "timeout"),
+        ("online", "message"),
+    ]
+    assert presence.threshold(presence.nodes["SLOWER"]) == pytest.approx(2.5 * every_s)
+
+
+def test_an_lwt_gap_is_not_learned_and_a_long_pause_counts_three_intervals_at_most() -> None:
+    presence, clock, _ = make()
+    for _ in range(10):
+        presence.heard("N", clock.now)
+        clock.now += 2.0
+    presence.went_offline("N", "lwt", clock.now)
+    clock.now += 3600  # off for an hour (its LWT said so): not its reporting interval
+    presence.heard("N", clock.now)
+    assert presence.nodes["N"].interval_s == pytest.approx(2.0)
+    clock.now += 600  # a pause of the gateway's own (a backlog after an outage)
+    presence.heard("N", clock.now)
+    assert presence.nodes["N"].interval_s == pytest.approx(0.3 * 6.0 + 0.7 * 2.0)
+    assert presence.threshold(presence.nodes["N"]) == 15.0  # still the floor
+
+
+async def test_restart_gap_is_not_learned_and_restored_nodes_wait_for_the_backlog() -> None:
+    class FakeDb:
+        async def retrying(self, work: object, stop: asyncio.Event) -> list[dict[str, object]]:
+            return rows
+
+    clock = Clock()
+    rows = [
+        {"node_id": n, "status": "online", "last_seen": clock.now - 600, "report_interval_s": 2.0}
+        for n in ("KEPT", "GONE")
+    ]
+    presence = Presence(PresenceSettings(15, 5), FakeDb(), Metrics(), clock)  # type: ignore[arg-type]
+    seen: list[Transition] = []
+    presence.add_listener(seen.append)
+    waiting = [5000]
+
+    async def backlog() -> int:
+        return waiting[0]
+
+    presence.backlog = backlog
+    await presence.load()
+
+    async def tick() -> None:  # what the ticker does, with the clock stepped
+        clock.now += 5
+        silent = presence._overdue(clock.now, None)
+        silent = await presence._after_backlog(silent, clock.now)
+        presence._expire(silent, clock.now)
+
+    for _ in range(6):  # 30 s of draining the backlog kept while this gateway was down
+        await tick()
+    assert seen == []
+    presence.heard("KEPT", clock.now)  # its messages came out of the backlog
+    assert presence.nodes["KEPT"].interval_s == 2.0  # the 10 min restart is no interval
+    waiting[0] = 0
+    await tick()
+    assert [(t.node_id, t.status, t.reason) for t in seen] == [("GONE", "offline", "startup")]
