@@ -31,6 +31,7 @@ class Client:
     queue: asyncio.Queue[str] = field(init=False)  # text frames, encoded once per event
     overflows: list[float] = field(default_factory=list)
     closing: bool = False
+    close_reason: str = ""  # why the hub closes it: too_slow | shutdown
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.queue_size)
@@ -82,7 +83,7 @@ class Hub:
         client.overflows.append(now)
         _clear(client.queue)
         if len(client.overflows) >= MAX_OVERFLOWS:
-            client.closing = True
+            client.closing, client.close_reason = True, "too_slow"
             client.queue.put_nowait(CLOSE)
             self.metrics.ws_closed_slow.inc()
         else:
@@ -91,7 +92,7 @@ class Hub:
 
     def close_all(self) -> None:
         for client in list(self.clients):
-            client.closing = True
+            client.closing, client.close_reason = True, "shutdown"
             _clear(client.queue)
             client.queue.put_nowait(CLOSE)
 

@@ -99,6 +99,12 @@ class Metrics:
         self.ws_closed_slow = Counter(
             "rnr_ws_closed_slow", "Clients closed for staying too slow", registry=r
         )
+        self.ws_disconnects = Counter(
+            "rnr_ws_disconnects",
+            "WebSocket connections ended (reason: client | send_timeout | too_slow | shutdown)",
+            ["reason"],
+            registry=r,
+        )
         self.relayed = Counter(
             "rnr_ws_relayed",
             "Live events exchanged with other gateways (direction: sent | received)",

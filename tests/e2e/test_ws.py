@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -106,36 +107,58 @@ async def test_events_legacy_shapes_and_subscribe_filter(
             await frame(only_b, within=0.5)
 
 
+def stalling_socket(gateway: Gateway) -> socket.socket:
+    """A connection that buffers little: small segments and a small receive window, so a
+    client that stops reading stalls the server's sends after some 100 KB, not megabytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.http_port or 0))
+    sock.setblocking(False)
+    return sock
+
+
 async def test_stalled_and_vanished_clients_do_not_cost_the_others(
     gateway: Gateway, settings: Settings
 ) -> None:
     gateway.hub.queue_size = 50
     async with contextlib.AsyncExitStack() as stack:
         healthy = [await stack.enter_async_context(ws(gateway)) for _ in range(48)]
-        stalled = await stack.enter_async_context(ws(gateway, max_queue=1))
+        # reads one frame, then nothing more (its library stops reading when it holds one)
+        stalled = await stack.enter_async_context(
+            ws(gateway, max_queue=1, sock=stalling_socket(gateway))
+        )
         vanished = await stack.enter_async_context(ws(gateway))
-        for socket in [*healthy, vanished]:
-            await frame(socket)
+        for client in [*healthy, vanished]:
+            await frame(client)
         vanished.transport.abort()  # gone without a close frame
-        count = 150
+        count, pad = 300, "x" * 2000  # 600 KB for each client
 
-        async def readings(socket: ClientConnection) -> list[int]:
+        async def readings(client: ClientConnection) -> list[int]:
             got = await frames_until(
-                socket, lambda f: f.get("data", {}).get("temperature") == count - 1, within=30
+                client, lambda f: f.get("data", {}).get("temperature") == count - 1, within=60
             )
             return [f["data"]["temperature"] for f in got if f["type"] == "sensor_data"]
 
         readers = [asyncio.create_task(readings(s)) for s in healthy]
         async with mqtt_client(settings, "burst") as client:
             for i in range(count):
-                await client.publish("devices/BURST/data", orjson.dumps({"temperature": i}), qos=1)
+                body = orjson.dumps({"temperature": i, "note": pad})
+                await client.publish("devices/BURST/data", body, qos=1)
         results = await asyncio.gather(*readers)
         assert [sorted(r) for r in results] == [list(range(count))] * len(healthy)
         assert all(r == list(range(count)) for r in results), "events of one node stay in order"
-        await eventually(lambda: len(gateway.hub.clients), lambda n: n == 49)
-        stalled_client = max(gateway.hub.clients, key=lambda c: c.queue.qsize())
-        assert stalled_client.queue.qsize() <= 50
-        assert stalled is not None
+        # the stalled client really stalled: its queue overflowed (resync, or closed)
+        stalls = gateway.metrics.value("rnr_ws_overflows_total") + gateway.metrics.value(
+            "rnr_ws_closed_slow_total"
+        )
+        assert stalls >= 1, "the stalled client never overflowed"
+        assert all(c.queue.qsize() <= 50 for c in gateway.hub.clients)
+        await eventually(
+            lambda: gateway.metrics.value("rnr_ws_disconnects_total", {"reason": "client"}),
+            lambda n: n >= 1,  # the vanished one
+        )
+        assert stalled.state.name == "OPEN"  # still connected, just not reading
 
 
 @pytest.fixture

@@ -51,24 +51,37 @@ async def endpoint(websocket: WebSocket) -> None:
         if scope is None:
             return
     client = gw.hub.connect()
+    ended = "client"
     try:
-        await websocket.send_text(orjson.dumps(await gw.snapshot()).decode())
-        await _serve(websocket, client, gw)
-    except (WebSocketDisconnect, OSError, RuntimeError, TimeoutError) as exc:
+        snapshot = orjson.dumps(await gw.snapshot()).decode()
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await websocket.send_text(snapshot)
+        ended = await _serve(websocket, client, gw)
+    except TimeoutError:
+        ended = "send_timeout"
+    except (WebSocketDisconnect, OSError, RuntimeError) as exc:
         log.debug("websocket ended: %s", exc)  # a client going away is not an error
     finally:
         gw.hub.disconnect(client)
+        gw.metrics.ws_disconnects.labels(ended).inc()
 
 
-async def _serve(websocket: WebSocket, client: Client, gw: Any) -> None:
-    """The client's sender and receive loop; the TaskGroup's exception group is unwrapped
-    so that a disconnect or a send timeout ends the connection quietly."""
+async def _serve(websocket: WebSocket, client: Client, gw: Any) -> str:
+    """The client's sender and receive loop, until one ends; returns why the connection
+    ended: ``client`` (it closed or vanished), ``send_timeout`` (it stopped reading),
+    ``too_slow`` (closed after overflowing again and again) or ``shutdown``."""
+    ended = "client"
     try:
         async with asyncio.TaskGroup() as tg:
             sender = tg.create_task(_send(websocket, client, gw))
             tg.create_task(_receive(websocket, client, sender))
-    except* (WebSocketDisconnect, OSError, RuntimeError, TimeoutError) as group:
+    except* TimeoutError:
+        ended = "send_timeout"
+    except* (WebSocketDisconnect, OSError, RuntimeError) as group:
         log.debug("websocket ended: %s", group.exceptions[0])
+    if ended == "client" and client.close_reason:
+        ended = client.close_reason
+    return ended
 
 
 async def _first_frame_auth(websocket: WebSocket, gw: Any) -> Scope | None:
@@ -106,7 +119,8 @@ async def _send(websocket: WebSocket, client: Client, gw: Any) -> None:
             async with asyncio.timeout(SEND_TIMEOUT_S):
                 for frame in frames:
                     if frame == CLOSE:
-                        await websocket.close(code=TOO_SLOW if client.closing else 1001)
+                        too_slow = client.close_reason == "too_slow"
+                        await websocket.close(code=TOO_SLOW if too_slow else 1001)
                         return
                     await websocket.send_text(frame)
                     sent += 1
