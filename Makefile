@@ -8,8 +8,15 @@ NODES ?= 20
 
 .PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands bench-drain clean
 
+# A failed `python -m venv` (Debian without python3-venv) leaves .venv/bin/python without
+# pip behind: pip is the mark of a usable venv, and a broken one is made again.
 $(BIN)/.installed: pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/pip || { rm -rf $(VENV) && $(PY) -m venv $(VENV); } || { \
+	  rm -rf $(VENV); \
+	  echo "make: cannot create $(VENV) with $(PY): on Debian its venv module comes with python3-venv; run:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y python3-venv" \
+	    "(for $(PY): $$($(PY) -c 'import sys; print("python3.%d-venv" % sys.version_info[1])'))" >&2; \
+	  exit 1; }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@

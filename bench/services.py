@@ -11,8 +11,9 @@ import platform
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -20,12 +21,55 @@ import psutil
 
 from rnr_gateway import topology
 from rnr_gateway.db import migrate
+from rnr_gateway.errors import ConfigError
+from rnr_gateway.settings import read_env_file
 
 if TYPE_CHECKING:
     from rnr_gateway.gateway import Gateway
 
 Say = Callable[[str], None]
-ADMIN_URL = os.environ.get("RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_env_file() -> Path:
+    """The env file `make setup` prepared: $ENV_FILE, else .env in the project root."""
+    return Path(os.environ.get("ENV_FILE", ROOT / ".env"))
+
+
+def admin_url(env_file: str | Path | None = None) -> str | None:
+    """RABBITMQ_ADMIN_URL, the broker's management API with a user that may create vhosts:
+    from the environment, else from the env file (as the gateway's own settings)."""
+    url = os.environ.get("RABBITMQ_ADMIN_URL", "").strip()
+    if url:
+        return url
+    path = Path(env_file) if env_file is not None else default_env_file()
+    try:
+        return read_env_file(path).get("RABBITMQ_ADMIN_URL", "").strip() or None
+    except ConfigError:
+        return None
+
+
+def require_admin_url(env_file: str | Path | None = None) -> str:
+    """RABBITMQ_ADMIN_URL with its credentials, or SystemExit saying where to set it."""
+    path = Path(env_file) if env_file is not None else default_env_file()
+    url = admin_url(path)
+    if url is None:
+        raise SystemExit(
+            f"RABBITMQ_ADMIN_URL is not set: add RABBITMQ_ADMIN_URL=http://USER:PASSWORD@"
+            f"127.0.0.1:15672 to {path} (as in deploy/rnr-gateway.env.example; `make setup` "
+            "adds it) or set it in the environment"
+        )
+    parts = urlsplit(url)
+    if not (parts.username and parts.password and parts.port):
+        raise SystemExit(
+            "RABBITMQ_ADMIN_URL must be http://USER:PASSWORD@HOST:PORT, with a user, "
+            f"password and port (set in {path} or the environment)"
+        )
+    return url
+
+
+# read once at import; None when unset (BrokerAdmin then says where to set it)
+ADMIN_URL = admin_url()
 
 
 def with_path(url: str, path: str) -> str:
@@ -36,11 +80,11 @@ def with_path(url: str, path: str) -> str:
 class BrokerAdmin:
     """RabbitMQ's management HTTP API."""
 
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
+    def __init__(self, url: str | None) -> None:
+        parts = urlsplit(url or require_admin_url())
         self.client = httpx.Client(
             base_url=urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port}")),
-            auth=(parts.username or "guest", parts.password or "guest"),
+            auth=(unquote(parts.username or ""), unquote(parts.password or "")),
             timeout=30,
         )
 

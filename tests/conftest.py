@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import asyncpg
 import pytest
-from bench.services import ADMIN_URL, BrokerAdmin, running, with_path
+from bench.services import BrokerAdmin, require_admin_url, running, with_path
 
 from rnr_gateway.db import migrate
 from rnr_gateway.gateway import Gateway
@@ -47,7 +47,11 @@ def base_settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def broker_admin() -> Iterator[BrokerAdmin]:
-    admin = BrokerAdmin(ADMIN_URL)
+    try:
+        url = require_admin_url(ENV_FILE)
+    except SystemExit as exc:
+        pytest.exit(str(exc), 2)
+    admin = BrokerAdmin(url)
     yield admin
     admin.client.close()
 
