@@ -4,6 +4,7 @@ per-message wrapping (see ``Inbound``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import aiormq
@@ -48,6 +49,10 @@ class Inbound:
     @property
     def message_id(self) -> str | None:
         return self._message.header.properties.message_id
+
+    @property
+    def timestamp(self) -> datetime | None:
+        return self._message.header.properties.timestamp
 
     @property
     def priority(self) -> int | None:

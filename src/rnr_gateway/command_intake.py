@@ -14,7 +14,9 @@ hundreds of milliseconds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -165,8 +167,24 @@ class Intake:
         priority = message.priority if message.priority is not None else 5
         retain = bool((message.headers or {}).get("retain", False))
         options = Options(min(max(priority, 0), 10), max(ttl, 0.001), retain)
-        mid = message.message_id or body.get("message_id")
+        mid = message.message_id or body.get("message_id") or derived_id(message)
         return NewCommand.create(node_id, body, options, message_id=mid, source="amqp")
+
+
+def derived_id(message: Inbound) -> str:
+    """The id of a command another producer sent without one: named by what a redelivery
+    repeats (routing key, body, AMQP timestamp and headers), so that a redelivery is the
+    same command, never a second one. Two identical commands without an id or timestamp
+    are one command."""
+    digest = hashlib.sha256()
+    for part in (
+        message.routing_key.encode(),
+        message.body,
+        str(message.timestamp).encode(),
+        orjson.dumps(message.headers, default=str, option=orjson.OPT_SORT_KEYS),
+    ):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return "amqp-" + base64.urlsafe_b64encode(digest.digest()[:16]).decode().rstrip("=")
 
 
 def failed_record(queue: str, message: Inbound, exc: GatewayError) -> Failed:

@@ -12,6 +12,7 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
+from bench.services import BrokerAdmin
 
 from rnr_gateway import topology
 from rnr_gateway.gateway import Gateway
@@ -81,6 +82,32 @@ async def test_expiry_during_a_slow_publish_never_sends_late_nor_blocks_the_node
     assert kept.message_id not in other.log.ids  # expired while its retained copy went out
     assert statuses(second) == ["queued", "expired"]
     assert sent.status == "sent" and after.message_id in node.log.ids
+
+
+async def test_another_producer_s_command_without_id_is_one_command_when_redelivered(
+    settings: Settings, db: asyncpg.Connection, broker_admin: BrokerAdmin, vhost: str
+) -> None:
+    """A redelivery repeats the message as it was: a command that came without a message
+    id (the management API's publish sets none; aio-pika and aiormq always set one) is
+    named by its content, so a copy is not taken for a second command."""
+    async with running(Gateway(fast(settings))):
+        # the last one marks the end: the gateway takes the queue's commands in order
+        for n in (1, 1, 2, 3):
+            broker_admin.client.post(
+                f"/api/exchanges/{vhost}/{topology.COMMAND_EXCHANGE}/publish",
+                json={
+                    "routing_key": "commands.NODE-NOID",
+                    "payload": f'{{"action":"PING","n":{n}}}',
+                    "payload_encoding": "string",
+                    "properties": {},
+                },
+            ).raise_for_status()
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM commands WHERE params->>'n' = '3'"), bool
+        )
+        rows = await db.fetch("SELECT message_id, params FROM commands ORDER BY created_at")
+    assert sorted(orjson.loads(r["params"])["n"] for r in rows) == [1, 2, 3]
+    assert all(r["message_id"].startswith("amqp-") for r in rows)
 
 
 @pytest.mark.slow
