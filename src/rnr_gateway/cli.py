@@ -43,20 +43,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logconf.configure(settings.log_level, settings.log_format)
     try:
         return asyncio.run(COMMANDS[args.command](settings, args))
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return EXIT_CONFIG
-    except TopologyMismatch as exc:
-        log.error("%s", exc)
-        return EXIT_CONFIG
-    except DependencyUnavailable as exc:
-        log.error("%s", exc)
-        return EXIT_UNAVAILABLE
-    except GatewayError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # (an exception group when a task of the gateway failed)
+        return exit_code(exc)
+
+
+# The first of these that an error is decides the exit code; its message is the log line.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, EXIT_CONFIG),
+    (TopologyMismatch, EXIT_CONFIG),
+    (DependencyUnavailable, EXIT_UNAVAILABLE),
+    (GatewayError, EXIT_FAILURE),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """One clear log line and the exit code for what stopped the process: the error itself,
+    or, when tasks failed, the first of their errors that is not a cancellation."""
+    while isinstance(exc, BaseExceptionGroup):
+        errors = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = (errors or list(exc.exceptions))[0]
+    if isinstance(exc, KeyboardInterrupt):
         return EXIT_OK
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            log.error("%s", exc)
+            return code
+    log.error("stopped by an unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return EXIT_FAILURE
 
 
 def build_parser() -> argparse.ArgumentParser:
