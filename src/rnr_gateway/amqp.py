@@ -223,7 +223,11 @@ class Amqp:
         channel = await conn.channel(publisher_confirms=False)
         try:
             for ex in topology.EXCHANGES:
-                await channel.declare_exchange(ex.name, ex.type, durable=True)
+                try:
+                    await channel.declare_exchange(ex.name, ex.type, durable=True)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    vhost, detail = self.settings.vhost, _reply_text(exc)
+                    raise TopologyMismatch(ex.name, vhost, detail, "exchange") from None
             for q in topology.QUEUES:
                 try:
                     queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)

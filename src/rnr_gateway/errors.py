@@ -26,8 +26,16 @@ class DependencyUnavailable(GatewayError):
 class TopologyMismatch(GatewayError):
     """A queue already exists with arguments other than the ones the gateway declares."""
 
-    def __init__(self, queue: str, vhost: str, detail: str) -> None:
+    def __init__(self, queue: str, vhost: str, detail: str, kind: str = "queue") -> None:
         self.queue, self.vhost, self.detail = queue, vhost, detail
+        if kind == "exchange":
+            super().__init__(
+                f"exchange {queue!r} in vhost {vhost!r} exists with another type or other "
+                f"arguments ({detail}). Delete it (rabbitmqadmin -V {vhost} delete exchange "
+                f"name={queue}, or in the management UI) and restart the gateway, which "
+                "declares it again as PROTOCOL §2 says."
+            )
+            return
         super().__init__(
             f"queue {queue!r} in vhost {vhost!r} exists with different arguments ({detail}). "
             f"Drain it, then delete it (rabbitmqctl delete_queue -p {vhost} {queue}) and "

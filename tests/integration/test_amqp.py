@@ -38,6 +38,23 @@ async def test_existing_queue_with_other_arguments_is_one_clear_error(
     assert f"rabbitmqctl delete_queue -p {vhost} {topology.SENSOR_QUEUE}" in message
 
 
+async def test_existing_exchange_of_another_type_is_one_clear_error(
+    settings: Settings, broker_admin: BrokerAdmin, vhost: str
+) -> None:
+    exchange = topology.DATA_EXCHANGE
+    broker_admin.client.delete(f"/api/exchanges/{vhost}/{exchange}").raise_for_status()
+    broker_admin.client.put(
+        f"/api/exchanges/{vhost}/{exchange}", json={"type": "fanout", "durable": True}
+    ).raise_for_status()
+    with pytest.raises(TopologyMismatch) as raised:
+        async with Amqp(settings.amqp, Metrics()):
+            pass
+    message = str(raised.value)
+    assert f"exchange {exchange!r} in vhost {vhost!r}" in message
+    assert "fanout" in message or "type" in message  # the broker's account of what differs
+    assert f"delete exchange name={exchange}" in message
+
+
 async def test_consumers_are_verified_with_the_broker(
     settings: Settings, broker_admin: BrokerAdmin, vhost: str
 ) -> None:
