@@ -1,6 +1,8 @@
-"""Command round trip: ``Commands.submit`` → the node's ``executed`` ack recorded in
-PostgreSQL (the gateway's status event after commit), beside the raw MQTT round trip
-measured in the same run: a bare QoS 1 publish → the same test node → its ack, no gateway.
+"""Command round trip: ``POST /api/nodes/{id}/actions`` on the gateway's HTTP socket → the
+node's ``executed`` ack recorded in PostgreSQL (the gateway's status event after commit),
+beside the raw MQTT round trip measured in the same run: a bare QoS 1 publish → the same
+test node → its ack, no gateway. The HTTP client runs in this process, beside the gateway
+(its CPU is counted with the gateway's).
 
 The test nodes run in a child process (real MQTT clients with TCP_NODELAY that ack
 ``received`` then ``executed``), so the gateway's event loop carries only the gateway.
@@ -24,6 +26,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import aiomqtt
+import httpx
 import orjson
 import psutil
 
@@ -210,8 +213,23 @@ async def raw_round_trips(settings: Settings, node_ids: list[str], rate: float, 
     return row
 
 
-async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: float) -> Row:
-    """``submit`` → the ``executed`` transition committed (its status event)."""
+def api_client(gw: Gateway) -> httpx.AsyncClient:
+    """An HTTP client of the gateway's API with a token that may send commands."""
+    tokens = [t.value for scope, t in gw.settings.http.tokens if scope in ("command", "admin")]
+    if not tokens:
+        raise SystemExit("bench: API_TOKENS has no command or admin token (set one in .env)")
+    return httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{gw.http_port}",
+        headers={"Authorization": f"Bearer {tokens[0]}"},
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=200),
+        timeout=30,
+    )
+
+
+async def gateway_round_trips(
+    gw: Gateway, http: httpx.AsyncClient, nodes: list[str], rate: float, secs: float
+) -> Row:
+    """``POST …/actions`` → the ``executed`` transition committed (its status event)."""
     tally = Tally()
 
     def on_status(event: dict[str, Any]) -> None:
@@ -224,7 +242,10 @@ async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: 
     async def fire(k: int) -> None:
         mid = f"gw-{tag}-{k}"
         tally.start(mid)
-        await gw.commands.submit(nodes[k % len(nodes)], {"action": "PING", "message_id": mid})
+        body = {"action": "PING", "message_id": mid}
+        response = await http.post(f"/api/nodes/{nodes[k % len(nodes)]}/actions", json=body)
+        if response.status_code >= 300:
+            raise SystemExit(f"bench: the API refused a command: {response.text}")
 
     try:
         with Cpu() as cpu:
@@ -298,17 +319,17 @@ async def measure(settings: Settings, args: Any) -> list[Row]:
             for rate in args.rates:
                 rows.append(await raw_round_trips(settings, raw_nodes, rate, args.duration))
                 print(rows[-1].line(), flush=True)
-        async with running(Gateway(settings)) as gw:
+        async with running(Gateway(settings)) as gw, api_client(gw) as http:
             await until(lambda: all(gw.presence.is_online(n) for n in nodes), 60, "nodes online")
             await until(gw.mqtt.connected.is_set, 30, "MQTT connected")
-            await gateway_round_trips(gw, nodes, 10, 2)  # warm-up, not reported
+            await gateway_round_trips(gw, http, nodes, 10, 2)  # warm-up, not reported
             for rate in args.rates:
                 await settled(gw)
-                rows.append(await gateway_round_trips(gw, nodes, rate, args.duration))
+                rows.append(await gateway_round_trips(gw, http, nodes, rate, args.duration))
                 print(rows[-1].line(), flush=True)
             for rate in MAX_RATES if args.max_rate else ():
                 await settled(gw)
-                row = await gateway_round_trips(gw, nodes, rate, args.max_duration)
+                row = await gateway_round_trips(gw, http, nodes, rate, args.max_duration)
                 row.label = "gateway, max-rate search"
                 rows.append(row)
                 print(row.line(), flush=True)
