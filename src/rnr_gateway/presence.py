@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+from . import presence_store
 from .db import CONNECT_FAILURE, Database
 from .metrics import Metrics
 from .settings import PresenceSettings
@@ -38,7 +39,6 @@ from .store import Accepted
 if TYPE_CHECKING:
     from asyncpg import Record
 
-    from .db import Conn
 
 log = logging.getLogger(__name__)
 Status = Literal["online", "offline", "unknown"]
@@ -60,15 +60,7 @@ Backlog = Callable[[], Awaitable[int]]
 Clock = Callable[[], float]  # wall-clock epoch seconds (injected in tests)
 
 
-SECOND_OPINION_TIMEOUT_S = 5.0
 OFFLINE_REASONS: dict[str, Reason] = {"lwt": "lwt", "status": "status", "timeout": "timeout"}
-SECOND_OPINION = """
-SELECT n.node_id, n.status, extract(epoch FROM n.last_seen) AS seen, e.reason
-FROM nodes n LEFT JOIN LATERAL (
-    SELECT reason FROM node_events WHERE node_id = n.node_id ORDER BY at DESC, id DESC LIMIT 1
-) e ON true
-WHERE n.node_id = ANY($1::text[])
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +242,7 @@ class Presence:
     async def _second_opinion(self, node_ids: list[str]) -> list[Record] | None:
         """What ``nodes`` says of these nodes; None while the database is out of reach."""
         try:
-            async with asyncio.timeout(SECOND_OPINION_TIMEOUT_S):
-                return list(await self.db.pool.fetch(SECOND_OPINION, node_ids))
+            return await presence_store.second_opinion(self.db.pool, node_ids)
         except CONNECT_FAILURE as exc:
             log.debug("presence: no second opinion from the database (%s)", exc)
             return None
@@ -348,13 +339,7 @@ class Presence:
         backlog the broker kept for it is ingested before it is judged; a node that kept
         reporting therefore never shows a spurious offline/online pair.
         """
-        rows = await self.db.retrying(
-            lambda conn: conn.fetch(
-                "SELECT node_id, status, extract(epoch FROM last_seen) AS last_seen,"
-                " report_interval_s FROM nodes WHERE last_seen IS NOT NULL"
-            ),
-            self._stop,
-        )
+        rows = await self.db.retrying(presence_store.load, self._stop)
         grace_until = self.clock() + self.settings.status_check_interval_s
         for row in rows:
             status: Status = "online" if row["status"] == "online" else "offline"
@@ -425,7 +410,9 @@ class Presence:
             if (state := self.nodes.get(n)) is not None
         }
         try:
-            await self.db.retrying(lambda conn: _write(conn, batch, intervals), self._stop)
+            await self.db.retrying(
+                lambda conn: presence_store.write(conn, batch, intervals), self._stop
+            )
         except Exception:
             self._pending[:0] = batch  # keep them for the next attempt
             self._unsaved |= unsaved
@@ -433,47 +420,3 @@ class Presence:
         for node_id, interval in intervals.items():
             if (state := self.nodes.get(node_id)) is not None:
                 state.saved_interval_s = interval
-
-
-# A transition is stored unless the node's history already says the same at that moment:
-# with several gateways on a vhost each sees the node come and go (and the one that
-# stored its LWT tells the others through ``nodes``), and the first one's record stands.
-# Per-node advisory locks (taken in node order) keep two writers from both inserting.
-LOCK_NODES = (
-    "SELECT pg_advisory_xact_lock(hashtext('rnr-node-events'), hashtext(n))"
-    " FROM unnest($1::text[]) AS n"
-)
-INSERT_EVENT = """
-INSERT INTO node_events (node_id, from_status, to_status, reason, at)
-SELECT $1, $2, $3, $4, $5
-WHERE $3 IS DISTINCT FROM (SELECT to_status FROM node_events
-                           WHERE node_id = $1 AND at <= $5 ORDER BY at DESC, id DESC LIMIT 1)
-  AND $3 IS DISTINCT FROM (SELECT to_status FROM node_events
-                           WHERE node_id = $1 AND at > $5 ORDER BY at, id LIMIT 1)
-"""
-
-
-async def _write(conn: Conn, batch: list[Transition], intervals: dict[str, float | None]) -> None:
-    latest = {t.node_id: t for t in batch}
-    learned = sorted((n, v) for n, v in intervals.items() if n not in latest and v is not None)
-    async with conn.transaction():
-        if learned:
-            await conn.execute(
-                "UPDATE nodes SET report_interval_s = x.v"
-                " FROM unnest($1::text[], $2::float8[]) AS x(n, v) WHERE nodes.node_id = x.n",
-                [n for n, _ in learned],
-                [v for _, v in learned],
-            )
-        if not latest:
-            return
-        await conn.execute(LOCK_NODES, sorted(latest))
-        await conn.executemany(
-            INSERT_EVENT,
-            [(t.node_id, t.previous, t.status, t.reason, t.at_datetime) for t in batch],
-        )
-        await conn.executemany(
-            "UPDATE nodes SET status = $2, status_changed_at = $3,"
-            " report_interval_s = COALESCE($4, report_interval_s) WHERE node_id = $1"
-            " AND (status_changed_at IS NULL OR status_changed_at <= $3)",
-            [(n, t.status, t.at_datetime, intervals.get(n)) for n, t in sorted(latest.items())],
-        )
