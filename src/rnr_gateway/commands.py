@@ -9,7 +9,6 @@ in-memory per-node scheduler (``dispatch.Scheduler``). See docs/commands.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from .command_codec import (
     validate_options,
 )
 from .command_intake import Intake
+from .command_sweep import Sweeper
 from .command_tracking import Tracker
 from .db import TRANSIENT, Database
 from .dispatch import Pending, Scheduler
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-ORPHAN_SCAN_S = 30.0  # queued commands no scheduler holds, looked for this often
 # receives {"type": "command_status", message_id, node_id, status, reason, timestamp}
 OnStatus = Callable[[dict[str, Any]], None]
 
@@ -92,6 +91,7 @@ class Commands:
         self.scheduler = Scheduler(self.settings.max_in_flight)
         self.tracker = Tracker(self, metrics)
         self.intake = Intake(self)
+        self.sweeper = Sweeper(self)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._draining = False
@@ -102,7 +102,6 @@ class Commands:
         self.active = asyncio.Event()
         self._released = asyncio.Event()
         self._released.set()
-        self._orphans_at = 0.0
         amqp.on_exclusive.append(self._on_exclusive)
         presence.add_listener(self._on_presence)
 
@@ -230,6 +229,11 @@ class Commands:
         )
         return out
 
+    @property
+    def stopped(self) -> asyncio.Event:
+        """Set once the gateway stops: background work ends."""
+        return self._stop
+
     def add_listener(self, callback: OnStatus) -> None:
         self.listeners.append(callback)
 
@@ -274,7 +278,7 @@ class Commands:
             tg.create_task(self._dispatch_loop(), name="commands-dispatch")
             tg.create_task(self.intake.run(), name="commands-intake")
             tg.create_task(self.tracker.run(), name="commands-acks")
-            tg.create_task(self._sweep_loop(), name="commands-sweep")
+            tg.create_task(self.sweeper.run(), name="commands-sweep")
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop dispatching; let publishes in progress and buffered acks settle (bounded)."""
@@ -297,7 +301,7 @@ class Commands:
         while True:
             await self.active.wait()
             await self._load()
-            self._orphans_at = time.monotonic()
+            self.sweeper.orphans_at = time.monotonic()
             await self._released.wait()
             self.scheduler.clear()
             self.tracker.forget()
@@ -387,60 +391,6 @@ class Commands:
         self.scheduler.settle(cmd.node_id, cmd.message_id)
         self._wake.set()
         return False
-
-    # -- sweep ---------------------------------------------------------------------------
-    async def _sweep_loop(self) -> None:
-        interval = self.settings.sweep_interval_s
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), interval)
-            if self._stop.is_set():
-                return
-            try:
-                await self._sweep()
-            except DependencyUnavailable as exc:
-                log.debug("command sweep skipped: %s", exc)
-
-    async def _sweep(self) -> None:
-        at = utcnow()
-        for moved in await self.retrying(lambda c: outbox.expire_due(c, at)):
-            self.scheduler.remove(moved.message_id)
-            self.emit(moved)
-        self.intake.offer_late(time.monotonic())
-        if not self.active.is_set():
-            return  # the rest is the holder's: it has the commands in flight and their copies
-        self.tracker.check_timeouts(time.monotonic())
-        await self.tracker.clear_settled_retained(at)
-        if time.monotonic() - self._orphans_at > ORPHAN_SCAN_S:
-            self._orphans_at = time.monotonic()
-            await self._adopt_orphans()
-        shared = self.amqp.shared(topology.SENSOR_QUEUE)
-        if shared:
-            # other gateways ingest part of every node's messages: a node this one has
-            # commands for may be back although none of them came here yet
-            waiting = [n for n in self.scheduler.waiting_nodes() if not self.presence.is_online(n)]
-            if waiting:
-                await self.presence.catch_up(waiting)
-        await self.tracker.infer_from_stored(shared)
-        if self.scheduler.has_work:
-            self._wake.set()
-
-    async def _adopt_orphans(self) -> None:
-        """Queued commands no scheduler holds: a gateway standing by accepted them but could
-        not route them through the command queue."""
-        before = utcnow() - timedelta(seconds=ORPHAN_SCAN_S)
-        ids = await self.retrying(lambda c: outbox.queued_before(c, before))
-        unknown = [mid for mid in ids if not self.scheduler.knows(mid)]
-        if not unknown:
-            return
-        rows = await self.retrying(lambda c: outbox.fetch_many(c, unknown))
-        orphans = [pending_of(row) for row in rows if row.status == "queued"]
-        for pending in orphans:
-            self.offer(pending)
-        if orphans:
-            log.info(
-                "commands: %d queued in the outbox and held by no one, now offered", len(orphans)
-            )
 
     # -- helpers -------------------------------------------------------------------------
     def emit(self, moved: Moved) -> None:
