@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from rnr_gateway.ingest import AckWindow
+from rnr_gateway.ack_window import AckWindow
 
 
 class Channel:
@@ -91,7 +91,7 @@ def test_channels_are_independent_and_closed_ones_forgotten() -> None:
 def test_a_delivery_of_a_closed_channel_is_recognised_without_raising() -> None:
     import aiormq
 
-    from rnr_gateway.ingest import _channel
+    from rnr_gateway.ack_window import channel_of as _channel
 
     class Closed:
         delivery_tag = 1
