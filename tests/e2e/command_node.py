@@ -2,7 +2,9 @@
 and acks on ``devices/{id}/ack`` the way new firmware does (PROTOCOL §4.2): ``received``
 at once, then the outcome; ``duplicate`` for a message id it already executed. It can
 hold its acks (``hold``), delay them, answer with another outcome, or send none at all
-(legacy firmware), and it records everything it got."""
+(legacy firmware), and it records everything it got. It may listen on other topics than
+``commands`` (``topics``), e.g. only the retained ``commands/last`` of a node that
+reconnects with a clean session, and leave without saying so (``goodbye=False``)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ def statuses(record: CommandRecord) -> list[str]:
 @dataclass
 class NodeLog:
     received: list[dict[str, Any]] = field(default_factory=list)  # every copy, in order
+    # per copy in ``received``: the topic (under devices/{id}/) and the MQTT retain flag
+    via: list[tuple[str, bool]] = field(default_factory=list)
+    empty: int = 0  # empty messages (a retained copy being cleared), not commands
     executed: dict[str, int] = field(default_factory=dict)  # message id → times executed
     outstanding: int = 0  # commands received and not yet finished
     max_outstanding: int = 0
@@ -66,6 +71,7 @@ class TestNode:
         ack_delay_s: float = 0.0,
         log: NodeLog | None = None,
         announce: bool = True,
+        topics: tuple[str, ...] = ("commands",),
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -74,6 +80,7 @@ class TestNode:
         self.ack_delay_s = ack_delay_s
         self.log = log or NodeLog()
         self.announce = announce  # an `online` status message once connected
+        self.topics = topics  # subscribed to, under devices/{id}/
         self.hold = asyncio.Event()  # cleared: acks wait (commands stay in flight)
         self.hold.set()
         self.client: aiomqtt.Client | None = None
@@ -81,8 +88,14 @@ class TestNode:
         self._workers: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
-    async def connected(self, gateway: Gateway | None = None) -> AsyncIterator[TestNode]:
-        """Connect, subscribe, say online (and wait until the gateway sees it online)."""
+    async def connected(
+        self, gateway: Gateway | None = None, *, goodbye: bool = True
+    ) -> AsyncIterator[TestNode]:
+        """Connect, subscribe, say online (and wait until the gateway sees it online).
+
+        On leaving, an `offline` status unless ``goodbye`` is false: then the node just
+        disconnects (cleanly, so no will either) and presence thinks it online until its
+        offline threshold passes."""
         will = aiomqtt.Will(
             f"devices/{self.node_id}/status",
             orjson.dumps({"status": "offline", "reason": "lwt"}),
@@ -90,7 +103,8 @@ class TestNode:
         )
         async with mqtt_client(self.settings, f"node-{self.node_id}", will=will) as client:
             self.client = client
-            await client.subscribe(f"devices/{self.node_id}/commands", qos=1)
+            for topic in self.topics:
+                await client.subscribe(f"devices/{self.node_id}/{topic}", qos=1)
             reader = asyncio.create_task(self._read(client))
             if self.announce:
                 await client.publish(
@@ -104,20 +118,26 @@ class TestNode:
                 yield self
             finally:
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(
-                        f"devices/{self.node_id}/status",
-                        orjson.dumps({"status": "offline", "reason": "shutdown"}),
-                        qos=1,
-                    )
+                    if goodbye:
+                        await client.publish(
+                            f"devices/{self.node_id}/status",
+                            orjson.dumps({"status": "offline", "reason": "shutdown"}),
+                            qos=1,
+                        )
                 reader.cancel()
                 for worker in self._workers:
                     worker.cancel()
                 self.client = None
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        prefix = f"devices/{self.node_id}/"
         async for message in client.messages:
+            if not message.payload:
+                self.log.empty += 1
+                continue
             command = orjson.loads(message.payload)  # type: ignore[arg-type]
             self.log.received.append(command)
+            self.log.via.append((message.topic.value.removeprefix(prefix), message.retain))
             task = asyncio.create_task(self._handle(client, command))
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)

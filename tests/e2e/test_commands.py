@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 import pytest
 
@@ -22,7 +24,7 @@ from rnr_gateway.errors import (
 )
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
-from tests.conftest import eventually, mqtt_client, running
+from tests.conftest import TOKENS, eventually, mqtt_client, running
 from tests.e2e.command_node import TestNode, fast, settled, statuses
 
 
@@ -183,6 +185,130 @@ async def retained_on(settings: Settings, node_id: str) -> bytes | None:
                     assert isinstance(payload, bytes)
                     return payload
     return None
+
+
+async def retain_cleared_at(db: asyncpg.Connection, message_id: str) -> datetime:
+    return await eventually(
+        lambda: db.fetchval(
+            "SELECT retain_cleared_at FROM commands WHERE message_id = $1", message_id
+        ),
+        lambda at: at is not None,
+        within=10,
+    )
+
+
+async def test_retained_copy_serves_a_node_back_with_a_clean_session(
+    gw: Gateway, cmd_settings: Settings, db: asyncpg.Connection
+) -> None:
+    """What the copy is for: the node is gone but presence does not know yet (a clean
+    disconnect: no offline status, no will), so the command goes out while nobody listens.
+    The node comes back with a clean session, subscribed literally to commands/last only,
+    and finds it there, retained."""
+    away = TestNode(cmd_settings, "NODE-LAST")
+    async with away.connected(gw, goodbye=False):
+        pass
+    assert gw.presence.is_online("NODE-LAST")  # until its offline threshold (15 s and more)
+    record = await gw.commands.submit(
+        "NODE-LAST", {"action": "RELAY_CONTROL", "relay": 2, "state": True}, retain=True
+    )
+    mid = record.message_id
+    await settled(gw, mid, frozenset(("sent",)))  # the broker took it; no subscriber had it
+
+    back = TestNode(cmd_settings, "NODE-LAST", topics=("commands/last",))
+    async with back.connected(gw):
+        done = await settled(gw, mid)
+        cleared_at = await retain_cleared_at(db, mid)
+    assert done.status == "executed"
+    assert statuses(done) == ["queued", "sent", "received", "executed"]
+    assert done.attempts == 1  # the retained copy, not a resend
+    assert back.log.ids == [mid]
+    assert back.log.via == [("commands/last", True)]  # found retained, not a live delivery
+    assert back.log.received[0]["relay"] == 2 and back.log.received[0]["state"] is True
+    assert done.received_at is not None and cleared_at >= done.received_at  # at the ack
+    assert await retained_on(cmd_settings, "NODE-LAST") is None
+
+
+async def test_retained_command_for_an_offline_node_has_no_copy_until_it_is_back(
+    gw: Gateway, cmd_settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Presence knows the node is offline: the command waits in the outbox, and its copy is
+    published on commands/last only when it is dispatched, once the node is online again.
+    Meanwhile there is nothing retained to find."""
+    node = TestNode(cmd_settings, "NODE-AWAY", topics=("commands/last",))
+    async with node.connected(gw):
+        pass
+    await eventually(lambda: gw.presence.is_online("NODE-AWAY"), lambda online: not online)
+    record = await gw.commands.submit(
+        "NODE-AWAY", {"action": "LIGHT_CONTROL", "state": True}, retain=True
+    )
+    mid = record.message_id
+    assert await retained_on(cmd_settings, "NODE-AWAY") is None  # waited 1 s for a copy
+    assert (await gw.commands.get(mid)).status == "queued"
+
+    async with node.connected(gw):  # subscribed to commands/last before it says online
+        done = await settled(gw, mid)
+        await retain_cleared_at(db, mid)
+        await eventually(lambda: node.log.empty, lambda n: n >= 1)  # the clear, live
+    assert done.status == "executed"
+    assert statuses(done) == ["queued", "sent", "received", "executed"]
+    assert node.log.ids == [mid] and node.log.via[0][0] == "commands/last"
+    assert await retained_on(cmd_settings, "NODE-AWAY") is None
+
+
+async def test_retained_copy_of_a_command_never_acked_is_cleared_at_expiry(
+    gw: Gateway, cmd_settings: Settings, db: asyncpg.Connection
+) -> None:
+    """The node receives the command and stays silent. The ack timeout frees its slot but
+    leaves the copy; the command stays `sent` (only queued commands expire: it may have
+    been carried out) and once past expires_at the sweep clears the copy."""
+    node = TestNode(cmd_settings, "NODE-MUTE", acks=False)
+    async with node.connected(gw):
+        record = await gw.commands.submit("NODE-MUTE", {"action": "PING"}, retain=True, ttl_s=4)
+        mid = record.message_id
+        await eventually(lambda: node.log.ids, lambda ids: ids == [mid])
+        await eventually(lambda: gw.metrics.value("rnr_command_ack_timeouts_total"), bool, within=5)
+        kept = await retained_on(cmd_settings, "NODE-MUTE")
+        assert datetime.now(UTC) < record.expires_at  # so the copy was seen before expiry
+        assert kept is not None and orjson.loads(kept)["message_id"] == mid
+        cleared_at = await retain_cleared_at(db, mid)
+        assert await retained_on(cmd_settings, "NODE-MUTE") is None
+    done = await gw.commands.get(mid)
+    assert cleared_at >= done.expires_at
+    assert done.status == "sent" and statuses(done) == ["queued", "sent"]
+    assert done.finished_at is None and done.sent_at is not None
+    assert node.log.ids == [mid]
+
+
+async def test_invalid_action_over_http_is_422_naming_the_action(
+    gw: Gateway, cmd_settings: Settings
+) -> None:
+    node = TestNode(cmd_settings, "NODE-BADACT")
+    headers = {"Authorization": f"Bearer {TOKENS['command']}"}
+    transport = httpx.ASGITransport(app=gw.app)
+    async with (
+        node.connected(gw),
+        httpx.AsyncClient(transport=transport, base_url="http://gw") as http,
+    ):
+        for action, words in [
+            ("relay control", "must be upper case"),
+            ("relay_control", "did you mean 'RELAY_CONTROL'?"),
+            ("RELAY-CONTROL", "must be upper case"),
+            ("", "is required"),
+            (3, "is required"),
+        ]:
+            sent = await http.post(
+                "/api/nodes/NODE-BADACT/actions",
+                json={"action": action, "relay": 3, "state": True},
+                headers=headers,
+            )
+            assert sent.status_code == 422, (action, sent.text)
+            error = sent.json()
+            assert set(error) == {"error"} and set(error["error"]) == {"code", "message"}
+            assert error["error"]["code"] == "invalid_command"
+            assert error["error"]["message"].startswith("action: ")
+            assert words in error["error"]["message"]
+        assert await gw.commands.for_node("NODE-BADACT") == []
+    assert node.log.received == []
 
 
 async def test_legacy_node_ends_at_sent_and_a_status_event_infers_executed(
