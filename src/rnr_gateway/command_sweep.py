@@ -49,7 +49,7 @@ class Sweeper:
         if not c.active.is_set():
             return  # the rest is the holder's: it has the commands in flight and their copies
         c.tracker.check_timeouts(time.monotonic())
-        await c.tracker.clear_settled_retained(at)
+        await c.tracker.retained.clear_settled(at)
         if time.monotonic() - self.orphans_at > ORPHAN_SCAN_S:
             self.orphans_at = time.monotonic()
             await self._adopt_orphans()

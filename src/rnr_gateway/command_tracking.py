@@ -37,10 +37,10 @@ from .command_codec import (
     utcnow,
 )
 from .command_intake import failed_record
+from .command_retained import Retained
 from .dispatch import Pending
 from .errors import BadMessage
 from .metrics import Metrics
-from .mqtt import PublishUnconfirmed
 from .outbox import Step
 from .store import Accepted, Failed
 
@@ -80,10 +80,6 @@ class Todo:
     source: Ack | Inferred | Pending
 
 
-def last_topic(node_id: str) -> str:
-    return f"devices/{node_id}/commands/last"
-
-
 class Tracker:
     def __init__(self, commands: Commands, metrics: Metrics) -> None:
         self.c = commands
@@ -92,7 +88,7 @@ class Tracker:
         self._received: set[str] = set()  # in flight and acked 'received'
         self._silent: set[str] = set()  # nodes whose last command got no ack at all
         self._awaiting: dict[str, dict[str, tuple[dict[str, Status], float]]] = {}
-        self._retained: dict[str, str] = {}  # node → command on commands/last
+        self.retained = Retained(commands)  # the copies on devices/{id}/commands/last
         # sensor_data ids: the newest row at the last sweep, and per awaiting node the
         # last of its events looked at (``infer_from_stored``)
         self._latest_event: int | None = None
@@ -271,7 +267,7 @@ class Tracker:
         node, mid = moved.node_id, moved.message_id
         self._awaiting.get(node, {}).pop(mid, None)
         if moved.retain:
-            await self._clear_retained(node, mid)
+            await self.retained.clear(node, mid)
         if moved.status == "received":
             self._received.add(mid)
             self.c.scheduler.set_deadline(
@@ -348,41 +344,6 @@ class Tracker:
             lambda conn: outbox.unacking_nodes(conn, sent_before, at - UNACKING_MEMORY)
         )
         self._silent.update(nodes)
-
-    # -- retained copies -----------------------------------------------------------------
-    async def load_retained(self) -> None:
-        self._retained = await self._retrying(outbox.retained_now)
-
-    async def publish_retained(self, cmd: Pending) -> None:
-        """Before the command itself, so a clear after its ack can never come first."""
-        await self.c.mqtt.publish(
-            last_topic(cmd.node_id), cmd.payload, qos=1, retain=True, kind="retained"
-        )
-        previous = self._retained.get(cmd.node_id)
-        self._retained[cmd.node_id] = cmd.message_id
-        if previous != cmd.message_id:
-            await self._retrying(
-                lambda conn: outbox.replaced_retained(conn, cmd.node_id, cmd.message_id, utcnow())
-            )
-
-    async def _clear_retained(self, node: str, mid: str) -> None:
-        if self._retained.get(node) == mid:
-            try:
-                await self.c.mqtt.publish(
-                    last_topic(node), b"", qos=1, retain=True, kind="retained"
-                )
-            except PublishUnconfirmed as exc:
-                log.info("retained copy of %s not cleared yet (%s); the sweep retries", mid, exc)
-                return
-            # the ack path and the sweep may clear the same copy at once; a newer retained
-            # command published meanwhile stays
-            if self._retained.get(node) == mid:
-                del self._retained[node]
-        await self._retrying(lambda conn: outbox.mark_retain_cleared(conn, [mid], utcnow()))
-
-    async def clear_settled_retained(self, at: datetime) -> None:
-        for node, mid in await self._retrying(lambda conn: outbox.retained_settled(conn, at)):
-            await self._clear_retained(node, mid)
 
     async def _retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return await self.c.retrying(work)

@@ -318,7 +318,7 @@ class Commands:
                 self.scheduler.offer(pending_of(r))
             else:
                 held += self.tracker.restore(r, at)
-        await self.tracker.load_retained()
+        await self.tracker.retained.load()
         await self.tracker.load_unacking(at)
         log.info("commands: %d queued, %d in flight restored", len(rows) - held, held)
         self._wake.set()
@@ -358,7 +358,7 @@ class Commands:
             if not self._unexpired(cmd):
                 return
             if cmd.retain:
-                await self.tracker.publish_retained(cmd)
+                await self.tracker.retained.publish(cmd)
                 if not self._unexpired(cmd):
                     return
             await self.mqtt.publish(command_topic(cmd.node_id), cmd.payload, qos=1)
