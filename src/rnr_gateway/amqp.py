@@ -368,6 +368,7 @@ class Amqp:
                     await (await channel.get_underlay_channel()).basic_cancel(tag)
             except AMQP_FAILURE as exc:
                 log.debug("cancel of consumer on %s failed: %s", name, exc)
+            self.metrics.consumers.labels(name).set(0)  # not ready any more: stopping
         self._tags.clear()
 
     # -- publishing --------------------------------------------------------------------

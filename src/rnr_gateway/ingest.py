@@ -226,7 +226,8 @@ class Ingest:
     def _count(
         self, accepted: list[Accepted], failed: list[Failed], result: store.BatchResult
     ) -> None:
-        for kind, n in Counter(row.message.kind for row in accepted).items():
+        # new rows only: a duplicate is counted as one, not as stored
+        for kind, n in Counter(row.message.kind for row in result.stored).items():
             self.metrics.stored.labels(kind).inc(n)
         if result.duplicates:
             self.metrics.duplicates.inc(result.duplicates)

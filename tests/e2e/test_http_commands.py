@@ -77,6 +77,13 @@ async def test_legacy_action_body_to_executed_over_http(
             legacy.json()["message_id"],
             seed_path.json()["message_id"],
         }
+        # the MQTT probe reports the command client's own counters
+        probe = await eventually(
+            lambda: http.get("/health/mqtt"), lambda r: r.json()["commands_sent"] >= 3
+        )
+        mqtt = probe.json()
+        assert probe.status_code == 200 and mqtt["connected"] is True
+        assert (mqtt["commands_failed"], mqtt["pending_publishes"]) == (0, 0)
 
 
 async def test_command_errors_and_scopes(http: httpx.AsyncClient, gw: Gateway) -> None:

@@ -10,22 +10,57 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 import uvicorn
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PortInUse
 from ..log import redact_server_logs
-from . import commands, failed, health, nodes, ws
+from . import commands, data, failed, health, nodes, ws
 from .errors import HttpError, error_response, handle_http_error
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
 log = logging.getLogger(__name__)
+UNMATCHED = "unmatched"
+
+
+class RequestMetrics:
+    """Counts HTTP requests in ``rnr_http_requests_total{route, status}``. The route label
+    is the matched route's path template (``/api/nodes/{node_id}``), or ``unmatched``, so
+    its values are bounded by the route table, never by what clients send."""
+
+    def __init__(self, app: ASGIApp, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            self._count(scope, status or 500)  # answered by the server-error handler
+            raise
+        self._count(scope, status)
+
+    def _count(self, scope: Scope, status: int) -> None:
+        route = getattr(scope.get("route"), "path", None) or UNMATCHED
+        self.counter.labels(route, str(status)).inc()
 
 
 async def dashboard(request: Request) -> Response:
@@ -51,12 +86,14 @@ def build_app(gateway: Gateway, extra_routes: list[BaseRoute] | None = None) -> 
         Route("/", dashboard),
         *health.routes,
         *nodes.routes,
+        *data.routes,
         *failed.routes,
         *commands.routes,
         *(extra_routes or []),
         *ws.routes,
     ]
-    middleware = []
+    # outermost: every request is counted, including those CORS answers by itself
+    middleware = [Middleware(RequestMetrics, counter=gateway.metrics.http_requests)]
     origins = list(gateway.settings.http.cors_origins)
     if origins:
         middleware.append(
@@ -65,6 +102,7 @@ def build_app(gateway: Gateway, extra_routes: list[BaseRoute] | None = None) -> 
                 allow_origins=origins,
                 allow_methods=["*"],
                 allow_headers=["Authorization", "Content-Type"],
+                expose_headers=list(data.PAGE_HEADERS),
             )
         )
     app = Starlette(

@@ -23,6 +23,8 @@ from .nodes import node_id_of
 
 T = TypeVar("T")
 OPTIONS = ("priority", "ttl_s", "retain")
+# the stable 503 codes of PROTOCOL §7, as the other routes answer them
+UNAVAILABLE = {"postgresql": "database"}
 
 
 async def _call(work: Awaitable[T]) -> T:
@@ -38,7 +40,8 @@ async def _call(work: Awaitable[T]) -> T:
     except CommandConflict as exc:
         raise HttpError(409, exc.code, str(exc)) from None
     except DependencyUnavailable as exc:
-        raise HttpError(503, f"{exc.system}_unavailable", f"{exc}; retry shortly") from None
+        code = f"{UNAVAILABLE.get(exc.system, exc.system)}_unavailable"
+        raise HttpError(503, code, f"{exc}; retry shortly") from None
     except GatewayError as exc:
         raise HttpError(422, "invalid_command", str(exc)) from None
 

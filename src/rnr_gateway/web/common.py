@@ -71,9 +71,14 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    value = optional_int_param(request, name, low, high)
+    return default if value is None else value
+
+
+def optional_int_param(request: Request, name: str, low: int, high: int) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
         value = int(raw)
     except ValueError:
@@ -94,6 +99,14 @@ def time_param(request: Request, name: str) -> datetime | None:
     if value.tzinfo is None:
         raise invalid(f"{name} must carry a time zone (e.g. 2026-11-27T14:30:00Z)")
     return value
+
+
+def time_range(request: Request) -> tuple[datetime | None, datetime | None]:
+    """``since`` (inclusive) and ``until`` (exclusive); since must come before until."""
+    since, until = time_param(request, "since"), time_param(request, "until")
+    if since is not None and until is not None and since >= until:
+        raise invalid("since must be earlier than until")
+    return since, until
 
 
 async def query(request: Request, work: Callable[[Conn], Awaitable[T]]) -> T:

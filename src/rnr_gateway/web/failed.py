@@ -66,7 +66,7 @@ async def replay(request: Request) -> Response:
         )
     except DependencyUnavailable:
         raise HttpError(
-            503, "broker_unavailable", "RabbitMQ is unavailable; retry shortly"
+            503, "rabbitmq_unavailable", "RabbitMQ is unavailable; retry shortly"
         ) from None
     except GatewayError as exc:
         raise invalid(str(exc), "replay_refused") from None

@@ -50,8 +50,13 @@ def rabbitmq_state_of(gw: Gateway) -> dict[str, Any]:
     consumers = {q: int(m.value("rnr_amqp_consumers", {"queue": q})) for q in gw.consumed_queues}
     connected = amqp.connected.is_set()
     target = urlsplit(amqp.settings.url.value)
+    # the shared (ingest) queues must have this process's consumers; the exclusive command
+    # queues need not: a gateway standing by while another one holds them is still ready
+    ingest = [c.queue for c in amqp.consumers if not c.exclusive]
     return {
         "connected": connected,
+        "ingest_consuming": connected and all(consumers.get(q, 0) >= 1 for q in ingest),
+        "holds_command_queues": amqp.exclusive,
         "reconnects": int(m.value("rnr_reconnects_total", {"system": "rabbitmq"})),
         "outages": int(m.value("rnr_outages_total", {"system": "rabbitmq"})),
         "consumers": consumers,
@@ -69,10 +74,8 @@ def rabbitmq_state_of(gw: Gateway) -> dict[str, Any]:
 
 
 def mqtt_state(request: Request) -> dict[str, Any]:
-    client = gateway(request).mqtt
-    if client is None:
-        return {"configured": False, "connected": False}
-    return {"configured": True, "connected": client.connected.is_set()}
+    """The MQTT command client's own stats (connection, attempts, publishes, pending)."""
+    return gateway(request).mqtt.stats()
 
 
 def worker_state(request: Request) -> dict[str, Any]:
@@ -115,48 +118,60 @@ def _probe(ok: bool, **details: Any) -> Response:
     return json_response(body, status=200 if ok else 503)
 
 
+async def _checks(request: Request) -> tuple[dict[str, bool], dict[str, Any], dict[str, Any]]:
+    """Whether each dependency is usable, with the RabbitMQ and MQTT states behind it."""
+    amqp, mqtt = rabbitmq_state(request), mqtt_state(request)
+    checks = {
+        "database": await _database_ok(request),
+        "rabbitmq": amqp["ingest_consuming"],
+        "mqtt": mqtt["connected"],
+    }
+    return checks, amqp, mqtt
+
+
+def _down(checks: dict[str, bool]) -> list[str]:
+    return [name for name, ok in checks.items() if not ok]
+
+
 async def health(request: Request) -> Response:
     """Legacy shape (the seed's ``status`` and ``platform``), one object per service."""
     _open(request)
-    db_ok = await _database_ok(request)
-    amqp, mqtt, worker = rabbitmq_state(request), mqtt_state(request), worker_state(request)
-    ok = db_ok and amqp["connected"] and (mqtt["connected"] or not mqtt["configured"])
+    checks, amqp, mqtt = await _checks(request)
     return _probe(
-        ok,
+        all(checks.values()),
         platform="enterprise_iot",
+        down=_down(checks),
         services={
             "rabbitmq": amqp,
             "mqtt": mqtt,
-            "database": {"connected": db_ok},
-            "worker": worker,
+            "database": {"connected": checks["database"]},
+            "worker": worker_state(request),
         },
     )
 
 
 async def live(request: Request) -> Response:
+    _open(request)
     return json_response({"status": "alive", "timestamp": _now()})
 
 
 async def ready(request: Request) -> Response:
+    """200 when PostgreSQL answers, the ingest consumers exist and MQTT is connected."""
     _open(request)
-    checks = {
-        "database": await _database_ok(request),
-        "rabbitmq": rabbitmq_state(request)["connected"],
-        "mqtt": mqtt_state(request)["connected"] or not mqtt_state(request)["configured"],
-    }
-    return _probe(all(checks.values()), checks=checks)
+    checks, _, _ = await _checks(request)
+    return _probe(all(checks.values()), checks=checks, down=_down(checks))
 
 
 async def health_rabbitmq(request: Request) -> Response:
     _open(request)
     state = rabbitmq_state(request)
-    return _probe(state["connected"], **state)
+    return _probe(state["ingest_consuming"], **state)
 
 
 async def health_mqtt(request: Request) -> Response:
     _open(request)
     state = mqtt_state(request)
-    return _probe(state["connected"] or not state["configured"], **state)
+    return _probe(state["connected"], **state)
 
 
 async def health_worker(request: Request) -> Response:

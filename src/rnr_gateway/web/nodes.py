@@ -1,22 +1,20 @@
-"""Nodes and their data (legacy paths and shapes kept for the original dashboard)."""
+"""Nodes and their presence events (legacy paths and shapes kept for the original
+dashboard)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ..topics import mac_address, valid_node_id
-from .common import gateway, int_param, json_response, query, read_json, require, time_param
+from .common import gateway, int_param, json_response, query, read_json, require, time_range
 from .errors import invalid, not_found
 
 if TYPE_CHECKING:
     from asyncpg import Record
-
-    from ..db import Conn
 
 NODE_COLUMNS = (
     "id, node_id, name, mac_address, location, created_at, last_seen, is_active, status,"
@@ -39,10 +37,17 @@ def node_id_of(request: Request) -> str:
     return node_id
 
 
+def _page(request: Request) -> tuple[int, int]:
+    """``limit`` and ``offset`` of a node list (``/api/nodes``, ``/api/nodes/online``)."""
+    return (
+        int_param(request, "limit", 1000, 1, 10_000),
+        int_param(request, "offset", 0, 0, 10_000_000),
+    )
+
+
 async def list_nodes(request: Request) -> Response:
     require(request, "read")
-    limit = int_param(request, "limit", 1000, 1, 10_000)
-    offset = int_param(request, "offset", 0, 0, 10_000_000)
+    limit, offset = _page(request)
     rows = await query(
         request,
         lambda c: c.fetch(
@@ -54,13 +59,17 @@ async def list_nodes(request: Request) -> Response:
 
 async def online_nodes(request: Request) -> Response:
     require(request, "read")
+    limit, offset = _page(request)
     presence = gateway(request).presence
     online = sorted(n for n in presence.nodes if presence.is_online(n))
     rows = await query(
         request,
         lambda c: c.fetch(
-            f"SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = ANY($1::text[]) ORDER BY node_id",
+            f"SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = ANY($1::text[])"
+            " ORDER BY node_id LIMIT $2 OFFSET $3",
             online,
+            limit,
+            offset,
         ),
     )
     return json_response([node_json(r, request) for r in rows])
@@ -161,102 +170,25 @@ async def delete_node(request: Request) -> Response:
 
 
 async def node_events(request: Request) -> Response:
+    """Presence transitions, newest first; ``since``/``until`` bound their time."""
     require(request, "read")
     node_id = node_id_of(request)
     limit = int_param(request, "limit", 100, 1, 1000)
+    since, until = time_range(request)
     rows = await query(
         request,
         lambda c: c.fetch(
             "SELECT from_status, to_status, reason, at FROM node_events WHERE node_id = $1"
-            " ORDER BY at DESC, id DESC LIMIT $2",
+            " AND ($2::timestamptz IS NULL OR at >= $2)"
+            " AND ($3::timestamptz IS NULL OR at < $3)"
+            " ORDER BY at DESC, id DESC LIMIT $4",
             node_id,
+            since,
+            until,
             limit,
         ),
     )
     return json_response([dict(r) for r in rows])
-
-
-async def sensor_data(request: Request) -> Response:
-    require(request, "read")
-    node_id = request.path_params.get("node_id") or request.query_params.get("node_id")
-    if node_id is not None and not valid_node_id(node_id):
-        raise invalid(f"{node_id[:80]!r} is not a valid node id", "invalid_node_id")
-    limit = int_param(request, "limit", 100, 1, 1000)
-    since, until = time_param(request, "since"), time_param(request, "until")
-    kind = request.query_params.get("kind", "reading")
-    if kind not in ("reading", "event", "heartbeat", "ping", "status", "all"):
-        raise invalid("kind must be reading, event, heartbeat, ping, status or all")
-    rows = await query(
-        request,
-        lambda c: c.fetch(
-            "SELECT id, node_id, data::text AS data, received_at FROM sensor_data"
-            " WHERE ($1::text IS NULL OR node_id = $1)"
-            " AND ($2::timestamptz IS NULL OR received_at >= $2)"
-            " AND ($3::timestamptz IS NULL OR received_at < $3)"
-            " AND ($4 = 'all' OR kind = $4)"
-            " ORDER BY received_at DESC, id DESC LIMIT $5",
-            node_id,
-            since,
-            until,
-            kind,
-            limit,
-        ),
-    )
-    return json_response(
-        [
-            {
-                "id": r["id"],
-                "node_id": r["node_id"],
-                "data": orjson.loads(r["data"]),
-                "received_at": r["received_at"],
-            }
-            for r in rows
-        ]
-    )
-
-
-async def completeness(request: Request) -> Response:
-    """Per boot: sequence numbers expected vs received (enhanced nodes only)."""
-    require(request, "read")
-    node_id = node_id_of(request)
-    since, until = time_param(request, "since"), time_param(request, "until")
-    rows = await query(request, lambda c: _completeness(c, node_id, since, until))
-    boots = [
-        {
-            "boot": r["boot"],
-            "first_seq": r["first_seq"],
-            "last_seq": r["last_seq"],
-            "received": r["received"],
-            "expected": r["last_seq"] - r["first_seq"] + 1,
-            "lost": r["last_seq"] - r["first_seq"] + 1 - r["received"],
-        }
-        for r in rows
-    ]
-    expected = sum(b["expected"] for b in boots)
-    received = sum(b["received"] for b in boots)
-    return json_response(
-        {
-            "node_id": node_id,
-            "boots": boots,
-            "expected": expected,
-            "received": received,
-            "lost": expected - received,
-            "completeness_percent": round(100.0 * received / expected, 3) if expected else None,
-        }
-    )
-
-
-async def _completeness(c: Conn, node_id: str, since: Any, until: Any) -> list[Record]:
-    return await c.fetch(
-        "SELECT boot, min(seq) AS first_seq, max(seq) AS last_seq, count(*) AS received"
-        " FROM sensor_data WHERE node_id = $1 AND boot IS NOT NULL AND seq IS NOT NULL"
-        " AND ($2::timestamptz IS NULL OR received_at >= $2)"
-        " AND ($3::timestamptz IS NULL OR received_at < $3)"
-        " GROUP BY boot ORDER BY boot",
-        node_id,
-        since,
-        until,
-    )
 
 
 routes = [
@@ -268,7 +200,4 @@ routes = [
     Route("/api/nodes/{node_id}", update_node, methods=["PUT"]),
     Route("/api/nodes/{node_id}", delete_node, methods=["DELETE"]),
     Route("/api/nodes/{node_id}/events", node_events, methods=["GET"]),
-    Route("/api/nodes/{node_id}/sensor-data", sensor_data, methods=["GET"]),
-    Route("/api/nodes/{node_id}/completeness", completeness, methods=["GET"]),
-    Route("/api/sensor-data", sensor_data, methods=["GET"]),
 ]
