@@ -1,8 +1,8 @@
 """Command round trip: ``POST /api/nodes/{id}/actions`` on the gateway's HTTP socket → the
 node's ``executed`` ack recorded in PostgreSQL (the gateway's status event after commit),
 beside the raw MQTT round trip measured in the same run: a bare QoS 1 publish → the same
-test node → its ack, no gateway. The HTTP client runs in this process, beside the gateway
-(its CPU is counted with the gateway's).
+test node → its ack, no gateway. The HTTP client runs in a child process of its own
+(``bench.api_client``), so the gateway's event loop carries only the gateway.
 
 The test nodes run in a child process (real MQTT clients with TCP_NODELAY that ack
 ``received`` then ``executed``), so the gateway's event loop carries only the gateway.
@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import math
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -26,7 +27,6 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import aiomqtt
-import httpx
 import orjson
 import psutil
 
@@ -213,47 +213,68 @@ async def raw_round_trips(settings: Settings, node_ids: list[str], rate: float, 
     return row
 
 
-def api_client(gw: Gateway) -> httpx.AsyncClient:
-    """An HTTP client of the gateway's API with a token that may send commands."""
+def command_token(gw: Gateway) -> str:
+    """A token of the gateway's API that may send commands."""
     tokens = [t.value for scope, t in gw.settings.http.tokens if scope in ("command", "admin")]
     if not tokens:
         raise SystemExit("bench: API_TOKENS has no command or admin token (set one in .env)")
-    return httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{gw.http_port}",
-        headers={"Authorization": f"Bearer {tokens[0]}"},
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=200),
-        timeout=30,
-    )
+    return tokens[0]
 
 
-async def gateway_round_trips(
-    gw: Gateway, http: httpx.AsyncClient, nodes: list[str], rate: float, secs: float
-) -> Row:
-    """``POST …/actions`` → the ``executed`` transition committed (its status event)."""
-    tally = Tally()
+async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: float) -> Row:
+    """``POST …/actions`` from the client process → the ``executed`` transition committed
+    (its status event here), both on the machine's monotonic clock."""
+    done_at: dict[str, float] = {}
+    expected: set[str] = set()  # known once the client is done
+    finished = asyncio.Event()
 
     def on_status(event: dict[str, Any]) -> None:
         if event["status"] == "executed":
-            tally.finish(event["message_id"])
+            done_at[event["message_id"]] = time.monotonic()
+            if expected and expected <= done_at.keys():
+                finished.set()
 
     gw.commands.add_listener(on_status)
     tag = secrets.token_hex(3)
-
-    async def fire(k: int) -> None:
-        mid = f"gw-{tag}-{k}"
-        tally.start(mid)
-        body = {"action": "PING", "message_id": mid}
-        response = await http.post(f"/api/nodes/{nodes[k % len(nodes)]}/actions", json=body)
-        if response.status_code >= 300:
-            raise SystemExit(f"bench: the API refused a command: {response.text}")
-
+    config = {
+        "base_url": f"http://127.0.0.1:{gw.http_port}",
+        "token": command_token(gw),
+        "nodes": nodes,
+        "rate": rate,
+        "duration": secs,
+        "tag": tag,
+    }
     try:
-        with Cpu() as cpu:
-            sent = await open_loop(rate, secs, fire)
-            await tally.wait(sent)
+        with Cpu() as cpu:  # the client process starts after: not counted
+            client = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.api_client",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await client.communicate(orjson.dumps(config))
+            if client.returncode != 0:
+                raise SystemExit("bench: the API client failed (its error is above)")
+            result = orjson.loads(out)
+            started: dict[str, float] = result["started"]
+            expected.update(started)
+            if expected <= done_at.keys():
+                finished.set()
+            with contextlib.suppress(TimeoutError):  # what is not done by then: not executed
+                await asyncio.wait_for(finished.wait(), 5.0)
     finally:
         gw.commands.listeners.remove(on_status)
-    row = tally.row("gateway", rate, sent)
+    took = [(done_at[m] - t0) * 1000 for m, t0 in started.items() if m in done_at]
+    row = Row(
+        "gateway",
+        rate,
+        int(result["sent"]),
+        len(took),
+        percentile(took, 0.5),
+        percentile(took, 0.99),
+        max(took) if took else None,
+    )
     row.stages = await stages(gw, f"gw-{tag}-%")
     row.cpu = cpu.text
     return row
@@ -319,17 +340,17 @@ async def measure(settings: Settings, args: Any) -> list[Row]:
             for rate in args.rates:
                 rows.append(await raw_round_trips(settings, raw_nodes, rate, args.duration))
                 print(rows[-1].line(), flush=True)
-        async with running(Gateway(settings)) as gw, api_client(gw) as http:
+        async with running(Gateway(settings)) as gw:
             await until(lambda: all(gw.presence.is_online(n) for n in nodes), 60, "nodes online")
             await until(gw.mqtt.connected.is_set, 30, "MQTT connected")
-            await gateway_round_trips(gw, http, nodes, 10, 2)  # warm-up, not reported
+            await gateway_round_trips(gw, nodes, 10, 2)  # warm-up, not reported
             for rate in args.rates:
                 await settled(gw)
-                rows.append(await gateway_round_trips(gw, http, nodes, rate, args.duration))
+                rows.append(await gateway_round_trips(gw, nodes, rate, args.duration))
                 print(rows[-1].line(), flush=True)
             for rate in MAX_RATES if args.max_rate else ():
                 await settled(gw)
-                row = await gateway_round_trips(gw, http, nodes, rate, args.max_duration)
+                row = await gateway_round_trips(gw, nodes, rate, args.max_duration)
                 row.label = "gateway, max-rate search"
                 rows.append(row)
                 print(row.line(), flush=True)

@@ -45,12 +45,18 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 CONNECT_FAILURE: tuple[type[BaseException], ...] = (*TRANSIENT, asyncpg.PostgresError)
 
 
+# A deadlock or serialization failure: the server rolled the work back and it may simply
+# run again (neither an outage nor bad data).
+RUN_AGAIN: tuple[type[BaseException], ...] = (asyncpg.TransactionRollbackError,)
+MAX_RUN_AGAIN = 10  # times in a row; then the error stands
+
+
 def refused(exc: BaseException) -> bool:
     """Whether the data itself was refused, by the server or by the driver encoding it (a
     ``ValueError``, though asyncpg's is an ``InterfaceError`` too): not an outage."""
     if isinstance(exc, ValueError):
         return True
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT)
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, (*TRANSIENT, *RUN_AGAIN))
 
 
 class Database:
@@ -115,10 +121,18 @@ class Database:
         the database is down.
         """
         delay = 0.2
+        rollbacks = 0
         while True:
             try:
                 async with self.pool.acquire(timeout=self.settings.command_timeout_s) as conn:
                     result = await work(conn)
+            except RUN_AGAIN as exc:
+                rollbacks += 1
+                if rollbacks > MAX_RUN_AGAIN:
+                    raise
+                log.warning("database work rolled back (%s); running it again", _describe(exc))
+                await asyncio.sleep(0.05 * rollbacks * (0.5 + random.random()))
+                continue
             except TRANSIENT as exc:
                 if refused(exc):
                     raise  # the data, not the database: retrying would loop

@@ -59,16 +59,16 @@ WHERE $3 IS DISTINCT FROM (SELECT to_status FROM node_events
 async def write(conn: Conn, batch: list[Transition], intervals: dict[str, float | None]) -> None:
     latest = {t.node_id: t for t in batch}
     learned = sorted((n, v) for n, v in intervals.items() if n not in latest and v is not None)
+    if learned:
+        # rows locked one by one in node order, as the ingest batch locks them (an UPDATE
+        # joined to a list locks in whatever order the join runs: deadlocks with ingest),
+        # and in a transaction of their own, apart from the transitions' node order
+        await conn.executemany(
+            "UPDATE nodes SET report_interval_s = $2 WHERE node_id = $1", learned
+        )
+    if not latest:
+        return
     async with conn.transaction():
-        if learned:
-            await conn.execute(
-                "UPDATE nodes SET report_interval_s = x.v"
-                " FROM unnest($1::text[], $2::float8[]) AS x(n, v) WHERE nodes.node_id = x.n",
-                [n for n, _ in learned],
-                [v for _, v in learned],
-            )
-        if not latest:
-            return
         await conn.execute(LOCK_NODES, sorted(latest))
         await conn.executemany(
             INSERT_EVENT,
