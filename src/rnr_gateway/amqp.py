@@ -253,6 +253,10 @@ class Amqp:
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             await channel.declare_queue(spec.queue, passive=True)  # a clear error if absent
             underlay = await channel.get_underlay_channel()
+            # the broker cancels a consumer whose queue went (deleted, or lost with a
+            # cluster node): this process's own consumer, which a count of the queue's
+            # consumers cannot tell apart from another gateway's
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
             ok = await underlay.basic_consume(
                 spec.queue, adapt(spec.on_message), no_ack=False, exclusive=spec.exclusive
             )
@@ -262,6 +266,14 @@ class Amqp:
         self._tags[spec.queue] = str(ok.consumer_tag)
         self._queues[spec.queue] = channel
         return channel
+
+    def _on_cancelled(self, frame: Any) -> None:
+        queue = next((q for q, tag in self._tags.items() if tag == frame.consumer_tag), None)
+        if queue is None or not self._consuming:
+            return
+        log.warning("the broker cancelled this gateway's consumer on %s; reconnecting", queue)
+        self.metrics.consumers.labels(queue).set(0)
+        self._lost.set()
 
     async def _take_exclusive(self, conn: AbstractConnection) -> list[AbstractChannel]:
         """Every exclusive consumer, or none: while another process holds one (the broker

@@ -55,6 +55,35 @@ async def test_existing_exchange_of_another_type_is_one_clear_error(
     assert f"delete exchange name={exchange}" in message
 
 
+async def test_a_consumer_the_broker_cancels_comes_back_at_once(
+    settings: Settings, broker_admin: BrokerAdmin, vhost: str
+) -> None:
+    """Deleting the queue cancels the consumer: the adapter reconnects, declares the queue
+    again and consumes, well before its periodic consumer check (30 s) would notice."""
+    got: list[bytes] = []
+    consumer = Consumer(topology.SENSOR_QUEUE, lambda m: got.append(m.body))
+    metrics = Metrics()
+    async with Amqp(settings.amqp, metrics, [consumer]) as amqp:
+        runner = asyncio.create_task(amqp.run())
+        try:
+            await amqp.verify_consumers()
+            broker_admin.client.delete(
+                f"/api/queues/{vhost}/{topology.SENSOR_QUEUE}"
+            ).raise_for_status()
+            await eventually(
+                lambda: metrics.value("rnr_reconnects_total", {"system": "rabbitmq"}),
+                lambda n: n >= 1,
+                within=10,
+            )
+            await eventually(amqp.connected.is_set, bool, within=10)
+            assert await amqp.verify_consumers() == {topology.SENSOR_QUEUE: 1}
+            await amqp.publish(topology.DATA_EXCHANGE, "devices.N1.data", b"back")
+            await eventually(lambda: got, lambda g: g == [b"back"], within=5)
+        finally:
+            amqp.request_stop()
+            await asyncio.wait_for(runner, 10)
+
+
 async def test_consumers_are_verified_with_the_broker(
     settings: Settings, broker_admin: BrokerAdmin, vhost: str
 ) -> None:
