@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -22,7 +23,6 @@ import orjson
 
 async def run(config: dict[str, Any]) -> dict[str, Any]:
     nodes, rate, tag = config["nodes"], float(config["rate"]), config["tag"]
-    total = max(1, int(rate * float(config["duration"])))
     started: dict[str, float] = {}
     async with httpx.AsyncClient(
         base_url=config["base_url"],
@@ -39,15 +39,24 @@ async def run(config: dict[str, Any]) -> dict[str, Any]:
             if response.status_code >= 300:
                 raise SystemExit(f"bench: the API refused a command: {response.text}")
 
-        begin = time.perf_counter()
-        tasks: list[asyncio.Task[None]] = []
-        for k in range(total):
-            delay = begin + k / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(fire(k)))
-        await asyncio.gather(*tasks)
-    return {"sent": total, "started": started}
+        sent = await open_loop(rate, float(config["duration"]), fire)
+    return {"sent": sent, "started": started}
+
+
+async def open_loop(
+    rate: float, duration_s: float, fire: Callable[[int], Coroutine[Any, Any, None]]
+) -> int:
+    """Start ``fire(k)`` at k / rate seconds, without waiting for earlier ones to finish."""
+    total = max(1, int(rate * duration_s))
+    start = time.perf_counter()
+    tasks: list[asyncio.Task[None]] = []
+    for k in range(total):
+        delay = start + k / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(fire(k)))
+    await asyncio.gather(*tasks)
+    return total
 
 
 if __name__ == "__main__":

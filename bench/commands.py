@@ -20,7 +20,7 @@ import math
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +35,7 @@ from rnr_gateway.mqtt import NODELAY
 from rnr_gateway.settings import Secret, Settings
 from rnr_gateway.topology import ACK_QUEUE
 
+from .api_client import open_loop
 from .command_nodes import mqtt_config, nodes_process
 from .services import (
     ADMIN_URL,
@@ -157,22 +158,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # -- load --------------------------------------------------------------------------------
-async def open_loop(
-    rate: float, duration_s: float, fire: Callable[[int], Coroutine[Any, Any, None]]
-) -> int:
-    """Start ``fire(k)`` at k / rate seconds, without waiting for earlier ones to finish."""
-    total = max(1, int(rate * duration_s))
-    start = time.perf_counter()
-    tasks: list[asyncio.Task[None]] = []
-    for k in range(total):
-        delay = start + k / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(fire(k)))
-    await asyncio.gather(*tasks)
-    return total
-
-
 async def raw_round_trips(settings: Settings, node_ids: list[str], rate: float, secs: float) -> Row:
     """Bare QoS 1 publish → test node → its ``executed`` ack, read back over MQTT."""
     tally = Tally()

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import asyncpg
 import pytest
-from bench.services import BrokerAdmin, require_admin_url, running, with_path
+from bench.services import BrokerAdmin, drop_database, require_admin_url, running, with_path
 
 from rnr_gateway.db import migrate
 from rnr_gateway.gateway import Gateway
@@ -81,11 +81,7 @@ def template_db(base_settings: Settings) -> Iterator[str]:
 
 
 async def _drop_database(base_settings: Settings, name: str) -> None:
-    admin = await asyncpg.connect(base_settings.db.url.value)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(base_settings.db.url.value, name)
 
 
 async def _create_template(base_settings: Settings, name: str) -> None:

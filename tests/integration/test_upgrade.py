@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 import pytest
-from bench.services import with_path
+from bench.services import drop_database, with_path
 
 from rnr_gateway import store
 from rnr_gateway.codec import decode
@@ -72,11 +72,7 @@ async def original(base_settings: Settings, unique: str) -> AsyncIterator[str]:
     finally:
         await admin.close()
     yield with_path(base_settings.db.url.value, name)
-    admin = await asyncpg.connect(base_settings.db.url.value)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(base_settings.db.url.value, name)
 
 
 async def create_original(conn: asyncpg.Connection, data_type: str, *, unique: bool = True) -> None:
