@@ -118,8 +118,16 @@ class Presence:
         return state is not None and state.status == "online"
 
     def status(self, node_id: str) -> Status:
+        """The node's status as shown (API, snapshot). A node restored as online after a
+        restart and silent past its threshold is ``unknown`` until it is judged (once the
+        broker's backlog is ingested): neither shown online nor called offline early."""
         state = self.nodes.get(node_id)
-        return state.status if state else "unknown"
+        if state is None:
+            return "unknown"
+        overdue = self.clock() > state.last_seen + self.threshold(state)
+        if state.restored and state.status == "online" and overdue:
+            return "unknown"
+        return state.status
 
     def threshold(self, state: NodeState) -> float:
         base = self.settings.offline_threshold_s

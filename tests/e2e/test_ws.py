@@ -226,7 +226,9 @@ async def test_restart_keeps_state_without_spurious_transitions(
         await client.publish("devices/KEEPS/data", b'{"temperature":2}', qos=1)
         async with running(Gateway(steady)) as gateway, ws(gateway) as socket:
             snapshot = await frame(socket)
-            assert {n["node_id"] for n in snapshot["nodes"]} == {"KEEPS", "STOPS"}
+            shown = {n["node_id"]: n["status"] for n in snapshot["nodes"]}
+            assert set(shown) == {"KEEPS", "STOPS"}
+            assert shown["STOPS"] != "online"  # silent meanwhile: never shown online
             await client.publish("devices/KEEPS/data", b'{"temperature":3}', qos=1)
             got = await frames_until(
                 socket,

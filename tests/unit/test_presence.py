@@ -341,8 +341,12 @@ async def test_restart_gap_is_not_learned_and_restored_nodes_wait_for_the_backlo
     for _ in range(6):  # 30 s of draining the backlog kept while this gateway was down
         await tick()
     assert seen == []
+    # meanwhile neither is shown online, nor called offline before its messages are in
+    assert presence.status("KEPT") == presence.status("GONE") == "unknown"
     presence.heard("KEPT", clock.now)  # its messages came out of the backlog
     assert presence.nodes["KEPT"].interval_s == 2.0  # the 10 min restart is no interval
+    assert presence.status("KEPT") == "online"  # heard again: shown as it is
     waiting[0] = 0
     await tick()
     assert [(t.node_id, t.status, t.reason) for t in seen] == [("GONE", "offline", "startup")]
+    assert presence.status("GONE") == "offline"
