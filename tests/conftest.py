@@ -18,9 +18,15 @@ from urllib.parse import urlsplit
 import aiomqtt
 import asyncpg
 import pytest
-from bench.services import BrokerAdmin, drop_database, require_admin_url, running, with_path
+from bench.services import (
+    BrokerAdmin,
+    create_database,
+    drop_database,
+    require_admin_url,
+    running,
+    with_path,
+)
 
-from rnr_gateway.db import migrate
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import (
     AmqpSettings,
@@ -75,27 +81,9 @@ def vhost(broker_admin: BrokerAdmin, base_settings: Settings, unique: str) -> It
 def template_db(base_settings: Settings) -> Iterator[str]:
     """A migrated database that every test database is cloned from."""
     name = f"rnr_test_template_{os.getpid()}"
-    asyncio.run(_create_template(base_settings, name))
+    asyncio.run(create_database(base_settings.db.url.value, name))
     yield name
-    asyncio.run(_drop_database(base_settings, name))
-
-
-async def _drop_database(base_settings: Settings, name: str) -> None:
-    await drop_database(base_settings.db.url.value, name)
-
-
-async def _create_template(base_settings: Settings, name: str) -> None:
-    admin = await asyncpg.connect(base_settings.db.url.value)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(with_path(base_settings.db.url.value, name))
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    asyncio.run(drop_database(base_settings.db.url.value, name))
 
 
 @pytest.fixture
@@ -108,7 +96,7 @@ async def database(base_settings: Settings, template_db: str, unique: str) -> As
         await admin.close()
     yield with_path(base_settings.db.url.value, name)
     # a new connection: a fault test may have restarted PostgreSQL meanwhile
-    await _drop_database(base_settings, name)
+    await drop_database(base_settings.db.url.value, name)
 
 
 @pytest.fixture

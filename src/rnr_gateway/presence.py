@@ -407,7 +407,8 @@ class Presence:
                 return
 
     async def flush(self) -> None:
-        """Persist pending transitions and learned intervals in one transaction."""
+        """Persist pending transitions (one transaction) and learned intervals (node by
+        node, in node order: ``presence_store.write``)."""
         if not self._pending and not self._unsaved:
             return
         batch, self._pending = self._pending, []
