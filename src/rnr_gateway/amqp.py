@@ -11,7 +11,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +24,8 @@ from aio_pika.abc import (
 
 from . import topology
 from .aio import first_of
-from .amqp_inbound import Inbound, adapt
+from .amqp_exclusive import STANDBY_RETRY_S, Consumer, Exclusive, reply_text
+from .amqp_inbound import adapt
 from .errors import DependencyUnavailable, GatewayError, TopologyMismatch
 from .metrics import Metrics
 from .settings import AmqpSettings
@@ -33,7 +33,6 @@ from .settings import AmqpSettings
 log = logging.getLogger(__name__)
 SYSTEM = "rabbitmq"
 VERIFY_INTERVAL_S = 30.0
-STANDBY_RETRY_S = 5.0
 TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -47,17 +46,6 @@ AMQP_FAILURE: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     RuntimeError,
 )
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """A queue to consume and the (synchronous, non-blocking) function each delivery goes to."""
-
-    queue: str
-    on_message: Callable[[Inbound], None]
-    # consumed with the broker's exclusive flag: the exclusive consumers go together, one
-    # process holds all of them and any other stands by, retrying (``Amqp.exclusive``)
-    exclusive: bool = False
 
 
 class Amqp:
@@ -83,10 +71,8 @@ class Amqp:
         self.on_restored: list[Callable[[], None]] = []  # after a reconnect succeeded
         self.reconnect_attempts = 0
         self.publish_failures = 0
-        # whether this process holds the exclusive consumers; told to on_exclusive
-        self.exclusive = False
-        self.on_exclusive: list[Callable[[bool], None]] = []
-        self._standby_said = False
+        self._exclusive = Exclusive()
+        self.on_exclusive = self._exclusive.on_change  # told when ``exclusive`` changes
         self.consumer_counts: dict[str, int] = {}  # the broker's, at the last check
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -208,7 +194,7 @@ class Amqp:
         self.connected.clear()
         for spec in self.consumers:  # gone with the channel, whatever the last check said
             self.metrics.consumers.labels(spec.queue).set(0)
-        self._set_exclusive(False)
+        self._exclusive.set(False)
 
     async def _close(self) -> None:
         conn, self._connection = self._connection, None
@@ -226,13 +212,13 @@ class Amqp:
                 try:
                     await channel.declare_exchange(ex.name, ex.type, durable=True)
                 except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    vhost, detail = self.settings.vhost, _reply_text(exc)
+                    vhost, detail = self.settings.vhost, reply_text(exc)
                     raise TopologyMismatch(ex.name, vhost, detail, "exchange") from None
             for q in topology.QUEUES:
                 try:
                     queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
                 except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    raise TopologyMismatch(q.name, self.settings.vhost, _reply_text(exc)) from None
+                    raise TopologyMismatch(q.name, self.settings.vhost, reply_text(exc)) from None
                 for exchange, key in q.bindings:
                     await queue.bind(exchange, key)
         finally:
@@ -276,33 +262,15 @@ class Amqp:
         self._lost.set()
 
     async def _take_exclusive(self, conn: AbstractConnection) -> list[AbstractChannel]:
-        """Every exclusive consumer, or none: while another process holds one (the broker
-        refuses an exclusive consume on a queue with any consumer), stand by."""
-        specs = [s for s in self.consumers if s.exclusive]
-        taken: list[AbstractChannel] = []
-        try:
-            for spec in specs:
-                taken.append(await self._consume(conn, spec))
-        except aiormq.exceptions.ChannelAccessRefused as exc:
-            for spec, channel in zip(specs, taken, strict=False):
-                self._queues.pop(spec.queue, None)
-                self._tags.pop(spec.queue, None)
-                await _quietly_close(channel)
-            if self.exclusive or not self._standby_said:
-                log.warning(
-                    "standing by: %s (another gateway holds %s); retrying every %.0f s",
-                    _reply_text(exc),
-                    ", ".join(s.queue for s in specs),
-                    STANDBY_RETRY_S,
-                )
-                self._standby_said = True
-            self._set_exclusive(False)
-            return []
-        if specs:
-            log.info("holding the exclusive consumers on %s", ", ".join(s.queue for s in specs))
-            self._standby_said = False
-            self._set_exclusive(True)
-        return taken
+        async def consume(spec: Consumer) -> AbstractChannel:
+            return await self._consume(conn, spec)
+
+        async def release(spec: Consumer, channel: AbstractChannel) -> None:
+            self._queues.pop(spec.queue, None)
+            self._tags.pop(spec.queue, None)
+            await _quietly_close(channel)
+
+        return await self._exclusive.take(self.consumers, consume, release)
 
     async def _retry_exclusive(self) -> None:
         conn = self._connection
@@ -318,6 +286,11 @@ class Amqp:
             log.warning("taking the exclusive consumers failed (%s); reconnecting", exc)
             self._lost.set()
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether this process holds the exclusive consumers."""
+        return self._exclusive.held
+
     def _standing_by(self) -> bool:
         return (
             self._consuming
@@ -325,12 +298,6 @@ class Amqp:
             and not self.exclusive
             and any(s.exclusive for s in self.consumers)
         )
-
-    def _set_exclusive(self, held: bool) -> None:
-        if held != self.exclusive:
-            self.exclusive = held
-            for callback in self.on_exclusive:
-                callback(held)
 
     async def verify_consumers(self) -> dict[str, int]:
         """Ask the broker how many consumers each of our queues has; raise if one has none."""
@@ -439,13 +406,6 @@ async def _quietly_close(closable: AbstractConnection | AbstractChannel) -> None
         await asyncio.wait_for(closable.close(), timeout=5)
     except AMQP_FAILURE as exc:
         log.debug("close failed: %s", exc)
-
-
-def _reply_text(exc: BaseException) -> str:
-    for arg in exc.args:
-        if isinstance(arg, str) and arg:
-            return arg
-    return str(exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,7 +16,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import outbox, topology
-from .amqp import Amqp, Consumer
+from .amqp import Amqp
+from .amqp_exclusive import Consumer
 from .command_codec import (
     CommandRecord,
     Moved,

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from . import topology
-from .amqp import AMQP_FAILURE, Amqp, Consumer
+from .amqp import AMQP_FAILURE, Amqp
+from .amqp_exclusive import Consumer
 from .broadcast import Hub
 from .commands import Commands
 from .db import TRANSIENT, Database, pending_migrations

@@ -11,7 +11,8 @@ import contextlib
 import pytest
 
 from rnr_gateway import outbox
-from rnr_gateway.amqp import STANDBY_RETRY_S, Amqp, Consumer
+from rnr_gateway.amqp import Amqp
+from rnr_gateway.amqp_exclusive import STANDBY_RETRY_S, Consumer
 from rnr_gateway.command_codec import NewCommand, Options
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.metrics import Metrics

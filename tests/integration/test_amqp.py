@@ -10,7 +10,8 @@ import aio_pika
 import pytest
 
 from rnr_gateway import topology
-from rnr_gateway.amqp import STANDBY_RETRY_S, Amqp, Consumer
+from rnr_gateway.amqp import Amqp
+from rnr_gateway.amqp_exclusive import STANDBY_RETRY_S, Consumer
 from rnr_gateway.amqp_inbound import Inbound
 from rnr_gateway.errors import TopologyMismatch
 from rnr_gateway.gateway import Gateway
