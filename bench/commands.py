@@ -63,7 +63,7 @@ class Row:
     p99_ms: float | None
     max_ms: float | None
     stages: str = ""  # p50 (p99) of the outbox's timestamps; raw rows: the PUBACK wait
-    cpu: str = ""  # % of one core during the step: gateway / broker / nodes / PostgreSQL
+    cpu: str = ""  # % of one core in the step: gateway / broker / nodes / PostgreSQL / client
 
     def line(self) -> str:
         def ms(v: float | None) -> str:
@@ -194,7 +194,7 @@ async def raw_round_trips(settings: Settings, node_ids: list[str], rate: float, 
     row.stages = (
         f"PUBACK {percentile(pubacks, 0.5) or 0:.1f} ({percentile(pubacks, 0.99) or 0:.1f})"
     )
-    row.cpu = cpu.text
+    row.cpu = f"{cpu.text} / -"  # no API client: the publisher is this process
     return row
 
 
@@ -261,7 +261,7 @@ async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: 
         max(took) if took else None,
     )
     row.stages = await stages(gw, f"gw-{tag}-%")
-    row.cpu = cpu.text
+    row.cpu = f"{cpu.text} / {100 * result['cpu_s'] / secs:.0f}"  # client: while sending
     return row
 
 
@@ -365,7 +365,7 @@ async def main(args: Any) -> None:
         print("machine: " + ", ".join(f"{k} {v}" for k, v in described.items()), flush=True)
         print(
             "| path | offered | sent | executed | p50 ms | p99 ms | max ms "
-            "| stages, p50 (p99) ms | CPU % gw / broker / nodes / pg |"
+            "| stages, p50 (p99) ms | CPU % gw / broker / nodes / pg / API client |"
         )
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
         await measure(settings, args)
