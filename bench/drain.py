@@ -32,7 +32,7 @@ import orjson
 
 from rnr_gateway.settings import Settings, read_env_file
 from rnr_gateway.simulate import FIRMWARE, reading
-from rnr_gateway.topology import DEVICE_EXCHANGE, SENSOR_QUEUE
+from rnr_gateway.topology import DEVICE_EXCHANGE, QUEUES, SENSOR_QUEUE
 
 from .ingest import PREFIX, ROOT, spawn, stop
 from .measure import cpu_delta, cpu_snapshot
@@ -163,6 +163,10 @@ async def main() -> None:
     p.add_argument("--pipelines", default="raw,raw-aiormq,gateway")
     p.add_argument("--repeat", type=int, default=1)
     args = p.parse_args()
+    most = next(q.arguments["x-max-length"] for q in QUEUES if q.name == SENSOR_QUEUE)
+    if not 0 < args.readings <= most:
+        # beyond it the broker drops the oldest (dead-lettered): they would never arrive
+        p.error(f"--readings must be 1 to {most:,}, the length {SENSOR_QUEUE} is capped at")
     file_env = read_env_file(Path(args.env_file))
     settings = Settings.from_env(env_file=args.env_file)
     lines = []
