@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ENV_FILE ?= .env
 NODES ?= 20
 
-.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands bench-drain clean
+.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands bench-drain bench-soak clean
 
 # A failed `python -m venv` (Debian without python3-venv) leaves .venv/bin/python without
 # pip behind: pip is the mark of a usable venv, and a broken one is made again.
@@ -61,6 +61,10 @@ bench-ws: setup
 # hold the machine's service lock: flock /tmp/rnr-test.lock make bench-commands
 bench-commands: setup
 	$(BIN)/python -m bench.commands --env-file $(ENV_FILE) $(BENCH_ARGS)
+
+# memory and errors under a steady fleet: flock /tmp/rnr-test.lock make bench-soak [BENCH_ARGS="--minutes 30"]
+bench-soak: setup
+	$(BIN)/python -m bench.soak --env-file $(ENV_FILE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
