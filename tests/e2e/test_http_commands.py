@@ -139,3 +139,9 @@ async def test_broadcast_over_http(http: httpx.AsyncClient) -> None:
         headers=COMMAND,
     )
     assert some.json()["count"] == 1
+    unsaid = await http.post("/api/commands/broadcast", json={"action": "REBOOT"}, headers=COMMAND)
+    assert unsaid.status_code == 422 and "node_ids" in unsaid.json()["error"]["message"]
+    for i in range(3):  # refused before anything was created
+        listed = await http.get(f"/api/nodes/B-{i}/commands", headers=COMMAND)
+        actions = {c["action"] for c in listed.json()}
+        assert "STATUS_REQUEST" in actions and "REBOOT" not in actions

@@ -72,7 +72,13 @@ async def send_action(request: Request) -> Response:
 async def broadcast(request: Request) -> Response:
     require(request, "command")
     body = await read_json(request)
-    node_ids = body.pop("node_ids", None)
+    if "node_ids" not in body:  # a fleet-wide command is never a default
+        raise HttpError(
+            422,
+            "invalid_request",
+            'say which nodes: "node_ids" is a list of node ids, or "all" for every known node',
+        )
+    node_ids = body.pop("node_ids")
     if node_ids == "all":
         node_ids = None
     if node_ids is not None and (
