@@ -5,8 +5,9 @@ start on the machine's monotonic clock, which the benchmark compares with the mo
 gateway recorded the command ``executed``.
 
 HTTP/1.1 over a pool of keep-alive connections, written on asyncio streams: httpx spent
-1.6-2.0 ms of CPU per request here (0.3-0.4 ms for this one, open loop included), a third
-of a core at 200 commands/s taken from the two the gateway, broker and database share.
+about 1.3-1.4 ms of CPU per request at 100-200 commands/s (0.23-0.3 ms for this one,
+open loop included; docs/benchmarks.md, the API client column), and 1.4 cores at 300/s,
+taken from the two the gateway, broker and database share.
 
     python -m bench.api_client < config.json   (started by bench.commands)
     config: {"base_url", "token", "nodes": [...], "rate", "duration", "tag"}
