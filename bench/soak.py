@@ -6,9 +6,13 @@ afterwards). Every ``--every`` seconds: the gateway's RSS, the rows committed so
 the rate since the last sample. At the end: RSS after the warm-up and at the end, the
 peak, the growth per hour over the second half of the run (a leak shows there; a
 process filling its caches and allocator arenas levels off before it), and every
-WARNING or ERROR line the gateway logged.
+WARNING or ERROR line the gateway logged. With ``--trace`` the gateway runs under
+``tracemalloc`` (``bench/traced_gateway.py``) and the memory Python's allocators hold and
+the objects the garbage collector tracks are reported too: they grow with a leak in
+Python code, whatever the allocator does with its pages (tracing inflates RSS).
 
     python -m bench.soak --env-file .env                       (500 nodes, 1/s each, 8 min)
+    python -m bench.soak --env-file .env --trace               (the same, Python heap traced)
     python -m bench.soak --env-file .env --nodes 100 --minutes 2
 
 Hold the machine's test lock while it runs: ``flock /tmp/rnr-test.lock make bench-soak``.
@@ -73,14 +77,30 @@ async def sample(
     return out
 
 
+def traced(lines: list[str]) -> list[str]:
+    """The ``TRACED`` lines of bench/traced_gateway.py, summarised over the second half:
+    the floor (the lowest sample) of its first and of its last quarter, which a leak
+    raises, and the highest sample (batches in flight, a tick's transitions)."""
+    samples = [tuple(float(x) for x in line.split()[1:4]) for line in lines]
+    half = samples[len(samples) // 2 :]
+    if len(half) < 4:
+        return []
+    q = len(half) // 4
+    first, last = half[:q], half[-q:]
+    return [
+        "- Python heap (tracemalloc), second half: floor"
+        f" {min(s[1] for s in first) / 1024:.2f} MiB at {first[0][0]:.0f}-{first[-1][0]:.0f} s,"
+        f" {min(s[1] for s in last) / 1024:.2f} MiB at {last[0][0]:.0f}-{last[-1][0]:.0f} s,"
+        f" highest {max(s[1] for s in half) / 1024:.2f} MiB; objects tracked by the GC: floor"
+        f" {min(s[2] for s in first):,.0f}, then {min(s[2] for s in last):,.0f}"
+    ]
+
+
 def summary(points: list[tuple[float, float, int]], log_path: Path) -> list[str]:
     half = points[len(points) // 2 :]
     warm = points[min(len(points) - 1, max(0, len(points) // 8))]
-    problems = [
-        line
-        for line in log_path.read_text(errors="replace").splitlines()
-        if " WARNING " in line or " ERROR " in line
-    ]
+    lines = log_path.read_text(errors="replace").splitlines()
+    problems = [line for line in lines if " WARNING " in line or " ERROR " in line]
     t_end, rss_end, rows_end = points[-1]
     return [
         f"- committed: {rows_end:,} rows in {t_end:.0f} s ({rows_end / t_end:,.0f}/s)",
@@ -89,6 +109,7 @@ def summary(points: list[tuple[float, float, int]], log_path: Path) -> list[str]
         " MiB",
         f"- RSS growth over the second half: {slope_per_hour([(t, r) for t, r, _ in half]):+.1f}"
         " MiB per hour",
+        *traced([line for line in lines if line.startswith("TRACED ")]),
         f"- WARNING/ERROR lines logged by the gateway: {len(problems)}",
         *(f"  - {line}" for line in problems[:20]),
     ]
@@ -110,6 +131,7 @@ async def soak(args: argparse.Namespace) -> int:
         "MQTT_USERNAME": f"{name}:{settings.mqtt.username or ''}",
         "HTTP_PORT": "0",
         "PYTHONPATH": str(ROOT),
+        "TRACE_EVERY_S": str(args.every),
     }
     log_path = Path(tempfile.mkstemp(prefix="rnr-soak-", suffix=".log")[1])
     fleet = ["-m", "rnr_gateway", "simulate", "--nodes", str(args.nodes)]
@@ -124,7 +146,8 @@ async def soak(args: argparse.Namespace) -> int:
         print(f"- gateway log: {log_path}\n")
         print("| s | gateway RSS MiB | rows committed | rows/s |\n|---:|---:|---:|---:|")
         with open(log_path, "wb") as log, open(os.devnull, "wb") as quiet:  # noqa: ASYNC230
-            gateway = await spawn(["-m", "rnr_gateway", "run"], env, log)
+            run = ["-m", "bench.traced_gateway"] if args.trace else ["-m", "rnr_gateway", "run"]
+            gateway = await spawn(run, env, log)
             simulator = await spawn([*fleet, "--rate", str(args.rate)], env, quiet)
             try:
                 points = await sample(psutil.Process(gateway.pid), db_url, args.minutes, args.every)
@@ -146,6 +169,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1.0, help="messages/s per node")
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    p.add_argument("--trace", action="store_true", help="trace the Python heap (tracemalloc)")
     args = p.parse_args()
     if not 0 < args.minutes <= 24 * 60 or args.every <= 0 or args.nodes < 1:
         p.error("--minutes must be 0-1440, --every and --nodes positive")
