@@ -140,7 +140,8 @@ async def soak(args: argparse.Namespace) -> int:
         print(f"## Soak, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         print(
             f"- command: `python -m bench.soak --env-file {args.env_file} --nodes {args.nodes}"
-            f" --rate {args.rate:g} --minutes {args.minutes:g}`"
+            f" --rate {args.rate:g} --minutes {args.minutes:g} --every {args.every:g}"
+            f"{' --trace' if args.trace else ''}`"
         )
         print("- machine: " + ", ".join(f"{k} {v}" for k, v in described.items()))
         print(f"- gateway log: {log_path}\n")
