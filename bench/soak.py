@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -46,14 +47,13 @@ def say(line: str) -> None:
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, value) points, per hour."""
-    n = len(points)
-    if n < 2:
+    if len(points) < 2:
         return 0.0
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
-    return cov / var * 3600 if var else 0.0
+    seconds, values = zip(*points, strict=True)
+    try:
+        return statistics.linear_regression(seconds, values).slope * 3600
+    except statistics.StatisticsError:  # every point at one time
+        return 0.0
 
 
 async def sample(
