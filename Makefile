@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ENV_FILE ?= .env
 NODES ?= 20
 
-.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands bench-drain bench-soak clean
+.PHONY: run test setup venv lint check-types unit bench bench-presence bench-ws bench-commands bench-drain bench-soak bench-prune clean
 
 # A failed `python -m venv` (Debian without python3-venv) leaves .venv/bin/python without
 # pip behind: pip is the mark of a usable venv, and a broken one is made again.
@@ -65,6 +65,10 @@ bench-commands: setup
 # memory and errors under a steady fleet: flock /tmp/rnr-test.lock make bench-soak [BENCH_ARGS="--minutes 30"]
 bench-soak: setup
 	$(BIN)/python -m bench.soak --env-file $(ENV_FILE) $(BENCH_ARGS)
+
+# a retention pass over 1 000 000 old readings: flock /tmp/rnr-test.lock make bench-prune
+bench-prune: setup
+	$(BIN)/python -m bench.prune --env-file $(ENV_FILE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -6,13 +6,17 @@ afterwards). Every ``--every`` seconds: the gateway's RSS, the rows committed so
 the rate since the last sample. At the end: RSS after the warm-up and at the end, the
 peak, the growth per hour over the second half of the run (a leak shows there; a
 process filling its caches and allocator arenas levels off before it), and every
-WARNING or ERROR line the gateway logged. With ``--trace`` the gateway runs under
-``tracemalloc`` (``bench/traced_gateway.py``) and the memory Python's allocators hold and
-the objects the garbage collector tracks are reported too: they grow with a leak in
-Python code, whatever the allocator does with its pages (tracing inflates RSS).
+WARNING or ERROR line the gateway logged, and where the RSS is (the brk heap, anonymous
+mappings, files). With ``--malloc`` the gateway reports glibc's count of the bytes it
+has handed out and of those freed but kept (``bench/traced_gateway.py``): the first grows
+with a leak anywhere, C extensions included, the second with fragmentation. With
+``--trace`` it also runs under ``tracemalloc``, and the memory Python's allocators hold and
+the objects the garbage collector tracks are reported: they grow with a leak in Python
+code, whatever the allocator does with its pages (tracing inflates RSS).
 
     python -m bench.soak --env-file .env                       (500 nodes, 1/s each, 8 min)
-    python -m bench.soak --env-file .env --trace               (the same, Python heap traced)
+    python -m bench.soak --env-file .env --malloc              (the same, malloc counted)
+    python -m bench.soak --env-file .env --trace               (and the Python heap traced)
     python -m bench.soak --env-file .env --nodes 100 --minutes 2
 
 Hold the machine's test lock while it runs: ``flock /tmp/rnr-test.lock make bench-soak``.
@@ -56,11 +60,43 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
         return 0.0
 
 
+def where(pid: int) -> dict[str, float]:
+    """The process's resident memory by kind of mapping, in MiB, from /proc/PID/smaps:
+    the brk heap (glibc's main arena), anonymous mappings (other arenas, large blocks,
+    Python's object arenas), files mapped (code), the rest (stacks, vdso); and threads."""
+    kinds = {"heap": 0.0, "anonymous": 0.0, "files": 0.0, "other": 0.0}
+    kind = "other"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head, _, rest = line.partition(" ")
+        if "-" in head and not head.endswith(":"):  # a mapping's header line
+            name = line.split(maxsplit=5)[5] if len(line.split()) > 5 else ""
+            kind = (
+                "heap"
+                if name == "[heap]"
+                else "anonymous"
+                if not name
+                else "other"
+                if name.startswith("[")
+                else "files"
+            )
+        elif head == "Rss:":
+            kinds[kind] += int(rest.split()[0]) / 1024
+    kinds["threads"] = float(len(os.listdir(f"/proc/{pid}/task")))
+    return kinds
+
+
+def breakdown(label: str, kinds: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in kinds.items() if k != "threads")
+    return f"- {label}: {parts} MiB; {kinds['threads']:.0f} threads"
+
+
 async def sample(
     gateway: psutil.Process, db_url: str, minutes: float, every_s: float
-) -> list[tuple[float, float, int]]:
-    """(seconds since start, RSS MiB, rows committed) every ``every_s`` for ``minutes``."""
+) -> tuple[list[tuple[float, float, int]], list[dict[str, float]]]:
+    """(seconds since start, RSS MiB, rows committed) every ``every_s`` for ``minutes``,
+    and where the RSS was at each sample."""
     out: list[tuple[float, float, int]] = []
+    kinds: list[dict[str, float]] = []
     conn = await asyncpg.connect(db_url)
     try:
         start = time.monotonic()
@@ -71,34 +107,67 @@ async def sample(
             t = time.monotonic() - start
             rate = (rows - out[-1][2]) / (t - out[-1][0]) if out else rows / t
             out.append((t, rss, rows))
+            kinds.append(where(gateway.pid))
             print(f"| {t:6.0f} | {rss:7.1f} | {rows:10,} | {rate:8,.0f} |", flush=True)
     finally:
         await conn.close()
-    return out
+    return out, kinds
 
 
 def traced(lines: list[str]) -> list[str]:
     """The ``TRACED`` lines of bench/traced_gateway.py, summarised over the second half:
     the floor (the lowest sample) of its first and of its last quarter, which a leak
     raises, and the highest sample (batches in flight, a tick's transitions)."""
-    samples = [tuple(float(x) for x in line.split()[1:4]) for line in lines]
+    samples = [tuple(float(x) for x in line.split()[1:6]) for line in lines]
     half = samples[len(samples) // 2 :]
     if len(half) < 4:
         return []
     q = len(half) // 4
     first, last = half[:q], half[-q:]
-    return [
-        "- Python heap (tracemalloc), second half: floor"
-        f" {min(s[1] for s in first) / 1024:.2f} MiB at {first[0][0]:.0f}-{first[-1][0]:.0f} s,"
-        f" {min(s[1] for s in last) / 1024:.2f} MiB at {last[0][0]:.0f}-{last[-1][0]:.0f} s,"
-        f" highest {max(s[1] for s in half) / 1024:.2f} MiB; objects tracked by the GC: floor"
-        f" {min(s[2] for s in first):,.0f}, then {min(s[2] for s in last):,.0f}"
-    ]
+    span = (
+        f"at {first[0][0]:.0f}-{first[-1][0]:.0f} s, then at {last[0][0]:.0f}-{last[-1][0]:.0f} s"
+    )
+
+    def floors(k: int, scale: float = 1024) -> str:
+        return f"{min(s[k] for s in first) / scale:.2f} and {min(s[k] for s in last) / scale:.2f}"
+
+    out = [f"- second half, lowest sample {span}:"]
+    if first[0][1] >= 0:
+        out.append(
+            f"  - Python heap (tracemalloc): {floors(1)} MiB (highest"
+            f" {max(s[1] for s in half) / 1024:.2f}); objects tracked by the GC:"
+            f" {min(s[2] for s in first):,.0f} and {min(s[2] for s in last):,.0f}"
+        )
+    if len(first[0]) > 4 and first[0][3] >= 0:
+        out.append(
+            f"  - malloc (mallinfo2, every arena): in use {floors(3)} MiB; freed but kept"
+            f" {floors(4)} MiB (highest {max(s[4] for s in half) / 1024:.2f})"
+        )
+    return out
 
 
-def summary(points: list[tuple[float, float, int]], log_path: Path) -> list[str]:
+async def disk(db_url: str, rows_per_s: float) -> str:
+    """What the readings take on disk, and so what a day of them at this rate takes."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = int(await conn.fetchval("SELECT count(*) FROM sensor_data"))
+        size = int(await conn.fetchval("SELECT pg_total_relation_size('sensor_data')"))
+    finally:
+        await conn.close()
+    per_row = size / max(rows, 1)
+    return (
+        f"- disk: sensor_data holds {rows:,} rows in {size / MIB:,.0f} MiB with its indexes"
+        f" ({per_row:,.0f} bytes per row): {per_row * rows_per_s * 86_400 / 2**30:,.1f} GiB a"
+        " day at this rate (RETENTION_DAYS bounds it)"
+    )
+
+
+def summary(
+    points: list[tuple[float, float, int]], kinds: list[dict[str, float]], log_path: Path
+) -> list[str]:
     half = points[len(points) // 2 :]
-    warm = points[min(len(points) - 1, max(0, len(points) // 8))]
+    k_warm = min(len(points) - 1, max(0, len(points) // 8))
+    warm = points[k_warm]
     lines = log_path.read_text(errors="replace").splitlines()
     problems = [line for line in lines if " WARNING " in line or " ERROR " in line]
     t_end, rss_end, rows_end = points[-1]
@@ -109,6 +178,8 @@ def summary(points: list[tuple[float, float, int]], log_path: Path) -> list[str]
         " MiB",
         f"- RSS growth over the second half: {slope_per_hour([(t, r) for t, r, _ in half]):+.1f}"
         " MiB per hour",
+        breakdown(f"resident at {warm[0]:.0f} s", kinds[k_warm]),
+        breakdown("resident at the end", kinds[-1]),
         *traced([line for line in lines if line.startswith("TRACED ")]),
         f"- WARNING/ERROR lines logged by the gateway: {len(problems)}",
         *(f"  - {line}" for line in problems[:20]),
@@ -132,31 +203,39 @@ async def soak(args: argparse.Namespace) -> int:
         "HTTP_PORT": "0",
         "PYTHONPATH": str(ROOT),
         "TRACE_EVERY_S": str(args.every),
+        "TRACE_PYTHON": "1" if args.trace else "0",
     }
     log_path = Path(tempfile.mkstemp(prefix="rnr-soak-", suffix=".log")[1])
     fleet = ["-m", "rnr_gateway", "simulate", "--nodes", str(args.nodes)]
     try:
         described = await machine(admin, db_url)
         print(f"## Soak, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        arenas = os.environ.get("MALLOC_ARENA_MAX")
+        prefix = f"MALLOC_ARENA_MAX={arenas} " if arenas else ""
         print(
-            f"- command: `python -m bench.soak --env-file {args.env_file} --nodes {args.nodes}"
-            f" --rate {args.rate:g} --minutes {args.minutes:g} --every {args.every:g}"
-            f"{' --trace' if args.trace else ''}`"
+            f"- command: `{prefix}python -m bench.soak --env-file {args.env_file}"
+            f" --nodes {args.nodes} --rate {args.rate:g} --minutes {args.minutes:g}"
+            f" --every {args.every:g}{' --trace' if args.trace else ''}"
+            f"{' --malloc' if args.malloc and not args.trace else ''}`"
         )
         print("- machine: " + ", ".join(f"{k} {v}" for k, v in described.items()))
         print(f"- gateway log: {log_path}\n")
         print("| s | gateway RSS MiB | rows committed | rows/s |\n|---:|---:|---:|---:|")
         with open(log_path, "wb") as log, open(os.devnull, "wb") as quiet:  # noqa: ASYNC230
-            run = ["-m", "bench.traced_gateway"] if args.trace else ["-m", "rnr_gateway", "run"]
+            inside = args.trace or args.malloc
+            run = ["-m", "bench.traced_gateway"] if inside else ["-m", "rnr_gateway", "run"]
             gateway = await spawn(run, env, log)
             simulator = await spawn([*fleet, "--rate", str(args.rate)], env, quiet)
             try:
-                points = await sample(psutil.Process(gateway.pid), db_url, args.minutes, args.every)
+                points, kinds = await sample(
+                    psutil.Process(gateway.pid), db_url, args.minutes, args.every
+                )
             finally:
                 await stop(simulator)
                 await stop(gateway)
         print()
-        print("\n".join(summary(points, log_path)))
+        print("\n".join(summary(points, kinds, log_path)))
+        print(await disk(db_url, points[-1][2] / points[-1][0]))
     finally:
         await drop_database(settings.db.url.value, name)
         await asyncio.to_thread(admin.delete_vhost, name)
@@ -171,6 +250,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--trace", action="store_true", help="trace the Python heap (tracemalloc)")
+    p.add_argument("--malloc", action="store_true", help="count glibc malloc's bytes (cheap)")
     args = p.parse_args()
     if not 0 < args.minutes <= 24 * 60 or args.every <= 0 or args.nodes < 1:
         p.error("--minutes must be 0-1440, --every and --nodes positive")

@@ -1,4 +1,4 @@
-"""``rnr-gateway run | migrate | simulate | check | definitions``."""
+"""``rnr-gateway run | migrate | prune | simulate | check | definitions``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import orjson
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages per second per simulated node (default 1)",
     )
     sub.add_parser("migrate", help="apply pending database migrations")
+    prune = sub.add_parser(
+        "prune", help="delete rows older than RETENTION_DAYS now (or --days), with progress"
+    )
+    prune.add_argument("--days", type=float, metavar="N", help="instead of RETENTION_DAYS")
     sub.add_parser("check", help="check settings and that every dependency answers")
     sim = sub.add_parser("simulate", help="run a fleet of simulated nodes over MQTT")
     from .simulate import add_arguments
@@ -147,6 +152,28 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from .retention import Retention
+
+    days = settings.retention.days if args.days is None else args.days
+    if days <= 0:
+        log.error(
+            "nothing to prune: RETENTION_DAYS is unset or 0 (keep everything);"
+            " give --days N with N > 0"
+        )
+        return EXIT_CONFIG
+    metrics = Metrics()
+    async with Database(settings.db, metrics) as db, db.pool.acquire() as conn:
+        retention = Retention(replace(settings.retention, days=days), db, metrics)
+        counts = await _with_signals(retention.prune_once(conn), retention.request_stop)
+    if counts is None:
+        log.error("a gateway is pruning this database now; run this again when it is done")
+        return EXIT_UNAVAILABLE
+    if not any(counts.values()):
+        log.info("retention: nothing older than %g day(s)", days)
+    return EXIT_OK
+
+
 async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     from .amqp import Amqp
 
@@ -172,4 +199,10 @@ def print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-COMMANDS = {"run": cmd_run, "migrate": cmd_migrate, "check": cmd_check, "simulate": cmd_simulate}
+COMMANDS = {
+    "run": cmd_run,
+    "migrate": cmd_migrate,
+    "prune": cmd_prune,
+    "check": cmd_check,
+    "simulate": cmd_simulate,
+}

@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .mqtt import Mqtt
 from .presence import Presence, Transition
 from .relay import Relay
+from .retention import Retention
 from .settings import Settings
 from .store import Accepted
 from .web.app import bind, build_app, make_server
@@ -98,6 +99,7 @@ class Gateway:
         self.amqp.consumers += tuple(self.commands.consumers())
         self.consumed_queues += tuple(c.queue for c in self.commands.consumers())
         self.ingest.on_stored.append(self.commands.on_stored)
+        self.retention = Retention(settings.retention, self.db, self.metrics)
         self.app = build_app(self)
         self._server = make_server(
             self.app, settings.shutdown_timeout_s * 0.2, settings.http.ws_compression
@@ -127,6 +129,7 @@ class Gateway:
                         tg.create_task(self.commands.run(), name="commands"),
                         tg.create_task(self._stats_loop(), name="stats"),
                         tg.create_task(self.relay.run(), name="relay"),
+                        tg.create_task(self.retention.run(), name="retention"),
                     ]
                     http = tg.create_task(self._server.serve(sockets=[sock]), name="http")
                     for name, extra in self.extras.items():
@@ -159,6 +162,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         log.info("stopping: cancelling consumers")
+        self.retention.request_stop()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.1, budget * 0.2)):
                 await self.amqp.stop_consuming()

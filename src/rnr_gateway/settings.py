@@ -137,6 +137,12 @@ class CommandSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    days: float = 0.0  # rows older than this are deleted; 0 keeps everything
+    interval_s: float = 3600.0  # between passes
+
+
+@dataclass(frozen=True)
 class Settings:
     amqp: AmqpSettings
     mqtt: MqttSettings
@@ -145,6 +151,7 @@ class Settings:
     http: HttpSettings = HttpSettings()
     presence: PresenceSettings = PresenceSettings()
     commands: CommandSettings = CommandSettings()
+    retention: RetentionSettings = RetentionSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: float = 10.0
@@ -329,6 +336,10 @@ class _Reader:
                 max_bytes=self.integer("COMMAND_MAX_BYTES", 10_240, 256, 1_000_000),
                 sweep_interval_s=self.number("COMMAND_SWEEP_INTERVAL_S", 1.0, 0.01, 60),
                 infer_window_s=self.number("COMMAND_INFER_WINDOW_S", 30.0, 0.1, 3600),
+            ),
+            retention=RetentionSettings(
+                days=self.number("RETENTION_DAYS", 0.0, 0, 36_500),
+                interval_s=self.number("RETENTION_INTERVAL_S", 3600.0, 1, 7 * 86_400),
             ),
             log_level=self.choice(
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import asyncpg
+import pytest
 
 from rnr_gateway import outbox
 from rnr_gateway.command_codec import Ack, NewCommand, Options, utcnow
@@ -94,3 +95,18 @@ async def test_one_statement_mixes_early_and_in_order_acks(db: asyncpg.Connectio
     ]
     assert [s for s, _ in await history(db, "c-a")] == ["queued", "sent", "executed"]
     assert [s for s, _ in await history(db, "c-b")] == ["queued", "sent", "received"]
+
+
+async def test_the_database_refuses_a_command_the_dispatcher_could_not_encode(
+    db: asyncpg.Connection,
+) -> None:
+    insert = (
+        "INSERT INTO commands (message_id, node_id, action, params, priority, ttl_s,"
+        " created_at, expires_at, updated_at) VALUES ($1, $2, 'PING', $3, 5, 300, now(),"
+        " now() + interval '5 minutes', now())"
+    )
+    for params in ('{"relay": 3}', '["PING"]'):
+        with pytest.raises(asyncpg.CheckViolationError) as refused:
+            await db.execute(insert, f"bad-{params}", NODE, params)
+        assert refused.value.constraint_name == "commands_params_shape"
+    await db.execute(insert, "good", NODE, '{"action": "PING"}')
