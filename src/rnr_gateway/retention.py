@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import asyncpg
 from prometheus_client import Counter, Gauge
 
 from .errors import DependencyUnavailable
@@ -137,6 +138,13 @@ class Retention:
                 await self.db.retrying(self.prune_once, self.stopped)
             except DependencyUnavailable as exc:
                 log.debug("retention pass skipped: %s", exc)
+            except asyncpg.PostgresError as exc:  # refused by the server: ingest goes on
+                log.error(
+                    "retention pass failed (%s: %s); next attempt in %g s",
+                    type(exc).__name__,
+                    exc,
+                    self.interval_s,
+                )
 
     async def prune_once(self, conn: Conn) -> dict[str, int] | None:
         """One pass over every table, under the lock; None when another gateway holds it."""

@@ -213,3 +213,29 @@ async def test_prune_command_deletes_now_and_says_what(
     assert len((await remaining(db))["sensor_data"]) == 2
     code, err = await asyncio.to_thread(prune_cli, env | {"RETENTION_DAYS": f"{days:.4f}"})
     assert code == EXIT_OK and "retention: nothing older than" in err, err
+
+
+async def test_a_pass_the_server_refuses_is_logged_and_tried_again_later(
+    settings: Settings, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fill(db)
+    await db.execute("DROP TABLE failed_messages")  # the last table of a pass
+    async with Database(settings.db, Metrics()) as database:
+        pruner = Retention(
+            RetentionSettings(days=30, interval_s=0.1), database, Metrics(), clock=lambda: NOW
+        )
+        task = asyncio.create_task(pruner.run())
+        failures = await eventually(
+            lambda: [r for r in caplog.records if r.getMessage().startswith("retention pass")],
+            lambda found: len(found) >= 2,
+        )
+        assert not task.done()  # still running: the gateway's other tasks go on
+        pruner.request_stop()
+        await asyncio.wait_for(task, 5)
+    assert failures[0].levelname == "ERROR"
+    assert failures[0].getMessage() == (
+        'retention pass failed (UndefinedTableError: relation "failed_messages" does not'
+        " exist); next attempt in 0.1 s"
+    )
+    # what came before the refused table was deleted all the same
+    assert await db.fetchval("SELECT count(*) FROM sensor_data") == 2
