@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import secrets
 import statistics
 import tempfile
 import time
@@ -41,6 +43,8 @@ from rnr_gateway.settings import Settings, read_env_file
 
 from .ingest import PREFIX, ROOT, spawn, stop
 from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, machine, with_path
+from .ws_fanout import ClientProcess
+from .ws_report import Scenario
 
 MIB = 2**20
 
@@ -146,6 +150,36 @@ def traced(lines: list[str]) -> list[str]:
     return out
 
 
+async def ws_clients(count: int, log_path: Path, token: str) -> ClientProcess:
+    """``count`` WebSocket clients (bench/ws_clients.py) reading every event, all the run."""
+    deadline = time.monotonic() + 30
+    pattern = re.compile(r"HTTP on http://[^:/]+:(\d+)/")
+    while not (found := pattern.search(await asyncio.to_thread(log_path.read_text))):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not say its HTTP port in 30 s: {log_path}")
+        await asyncio.sleep(0.2)
+    url = f"ws://127.0.0.1:{found[1]}/ws"
+    clients = await ClientProcess.start(
+        url, token, Scenario("mqtt", 0, count, 0, 0, deflate=False), ["--no-lags"]
+    )
+    ready = (await clients.read(90))["ready"]
+    if ready != count:
+        raise RuntimeError(f"{ready} of {count} WebSocket clients connected")
+    await clients.send("start")
+    return clients
+
+
+async def ws_result(clients: ClientProcess) -> list[str]:
+    await clients.send("stop")
+    got = await clients.read(60)
+    frames, resyncs, closed = got["frames"], sum(got["resyncs"]), got["closed"]
+    return [
+        f"- WebSocket: {len(frames)} clients the whole run; sensor_data frames per client"
+        f" {min(frames):,} to {max(frames):,}; resyncs {resyncs}; closed early:"
+        f" {', '.join(closed) or 'none'}"
+    ]
+
+
 async def disk(db_url: str, rows_per_s: float) -> str:
     """What the readings take on disk, and so what a day of them at this rate takes."""
     conn = await asyncpg.connect(db_url)
@@ -191,6 +225,7 @@ async def soak(args: argparse.Namespace) -> int:
     settings = Settings.from_env(env_file=args.env_file)
     admin = BrokerAdmin(ADMIN_URL)
     name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
+    token = secrets.token_hex(16)  # the WebSocket clients' (--ws)
     user = unquote(urlsplit(settings.amqp.url.value).username or "")
     await asyncio.to_thread(admin.create_vhost, name, user)
     db_url = await create_database(settings.db.url.value, name)
@@ -204,6 +239,7 @@ async def soak(args: argparse.Namespace) -> int:
         "PYTHONPATH": str(ROOT),
         "TRACE_EVERY_S": str(args.every),
         "TRACE_PYTHON": "1" if args.trace else "0",
+        "API_TOKENS": ",".join(filter(None, (file_env.get("API_TOKENS"), f"read:{token}"))),
     }
     log_path = Path(tempfile.mkstemp(prefix="rnr-soak-", suffix=".log")[1])
     fleet = ["-m", "rnr_gateway", "simulate", "--nodes", str(args.nodes)]
@@ -216,7 +252,8 @@ async def soak(args: argparse.Namespace) -> int:
             f"- command: `{prefix}python -m bench.soak --env-file {args.env_file}"
             f" --nodes {args.nodes} --rate {args.rate:g} --minutes {args.minutes:g}"
             f" --every {args.every:g}{' --trace' if args.trace else ''}"
-            f"{' --malloc' if args.malloc and not args.trace else ''}`"
+            f"{' --malloc' if args.malloc and not args.trace else ''}"
+            f"{f' --ws {args.ws}' if args.ws else ''}`"
         )
         print("- machine: " + ", ".join(f"{k} {v}" for k, v in described.items()))
         print(f"- gateway log: {log_path}\n")
@@ -226,15 +263,21 @@ async def soak(args: argparse.Namespace) -> int:
             run = ["-m", "bench.traced_gateway"] if inside else ["-m", "rnr_gateway", "run"]
             gateway = await spawn(run, env, log)
             simulator = await spawn([*fleet, "--rate", str(args.rate)], env, quiet)
+            clients: ClientProcess | None = None
             try:
+                if args.ws:
+                    clients = await ws_clients(args.ws, log_path, token)
                 points, kinds = await sample(
                     psutil.Process(gateway.pid), db_url, args.minutes, args.every
                 )
+                seen = await ws_result(clients) if clients else []
             finally:
+                if clients is not None:
+                    await clients.close()
                 await stop(simulator)
                 await stop(gateway)
         print()
-        print("\n".join(summary(points, kinds, log_path)))
+        print("\n".join(summary(points, kinds, log_path) + seen))
         print(await disk(db_url, points[-1][2] / points[-1][0]))
     finally:
         await drop_database(settings.db.url.value, name)
@@ -251,6 +294,7 @@ def main() -> int:
     p.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--trace", action="store_true", help="trace the Python heap (tracemalloc)")
     p.add_argument("--malloc", action="store_true", help="count glibc malloc's bytes (cheap)")
+    p.add_argument("--ws", type=int, default=0, metavar="N", help="WebSocket clients reading all")
     args = p.parse_args()
     if not 0 < args.minutes <= 24 * 60 or args.every <= 0 or args.nodes < 1:
         p.error("--minutes must be 0-1440, --every and --nodes positive")

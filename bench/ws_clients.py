@@ -45,6 +45,7 @@ CONNECT_BATCH = 20
 @dataclass
 class Tally:
     measuring: bool = False
+    lags: bool = True  # off for a long run (bench.soak): the lists would grow without bound
     frames: list[int] = field(default_factory=list)  # per healthy client, in the window
     resyncs: list[int] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
@@ -110,7 +111,8 @@ async def _healthy(ws: ClientConnection, index: int, tally: Tally) -> None:
                 tally.resyncs[index] += 1
             elif kind == "sensor_data" and tally.measuring:
                 tally.frames[index] += 1
-                _lags(frame, now, tally)
+                if tally.lags:
+                    _lags(frame, now, tally)
         tally.closed.append(f"closed by server: {ws.close_code}")
     except ConnectionClosed as exc:
         tally.closed.append(f"connection lost: {exc}")
@@ -150,12 +152,18 @@ def _say(message: dict[str, Any]) -> None:
 
 
 async def run(
-    url: str, token: str, clients: int, stalled: int, deflate: bool, stalled_deflate: bool
+    url: str,
+    token: str,
+    clients: int,
+    stalled: int,
+    deflate: bool,
+    stalled_deflate: bool,
+    lags: bool = True,
 ) -> None:
     """The stalled clients connect first; the parent says ``go`` before the others do."""
     commands = await _stdin()
     healthy = clients - stalled
-    tally = Tally(frames=[0] * healthy, resyncs=[0] * healthy)
+    tally = Tally(lags=lags, frames=[0] * healthy, resyncs=[0] * healthy)
     stuck = [await _open(url, token, True, stalled_deflate) for _ in range(stalled)]
     if stalled:
         _say({"stalled": len(stuck)})
@@ -197,10 +205,13 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=0)
     parser.add_argument("--no-deflate", action="store_true", help="healthy clients")
     parser.add_argument("--stalled-no-deflate", action="store_true")
+    parser.add_argument("--no-lags", action="store_true", help="count frames only")
     args = parser.parse_args()
     token = os.environ["RNR_BENCH_TOKEN"]
     deflate, stalled_deflate = not args.no_deflate, not args.stalled_no_deflate
-    asyncio.run(run(args.url, token, args.clients, args.stalled, deflate, stalled_deflate))
+    asyncio.run(
+        run(args.url, token, args.clients, args.stalled, deflate, stalled_deflate, not args.no_lags)
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import secrets
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,8 +115,10 @@ class ClientProcess:
         self.proc = proc
 
     @classmethod
-    async def start(cls, url: str, token: str, sc: Scenario) -> ClientProcess:
-        args = ["--clients", str(sc.clients), "--stalled", str(sc.stalled)]
+    async def start(
+        cls, url: str, token: str, sc: Scenario, extra: Sequence[str] = ()
+    ) -> ClientProcess:
+        args = ["--clients", str(sc.clients), "--stalled", str(sc.stalled), *extra]
         args += [] if sc.deflate else ["--no-deflate"]
         args += [] if sc.stalled_deflate else ["--stalled-no-deflate"]
         proc = await asyncio.create_subprocess_exec(
