@@ -246,8 +246,8 @@ async def soak(args: argparse.Namespace) -> int:
     try:
         described = await machine(admin, db_url)
         print(f"## Soak, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        arenas = os.environ.get("MALLOC_ARENA_MAX")
-        prefix = f"MALLOC_ARENA_MAX={arenas} " if arenas else ""
+        tuning = sorted((k, v) for k, v in os.environ.items() if k.startswith("MALLOC_"))
+        prefix = "".join(f"{k}={v} " for k, v in tuning)  # glibc malloc's settings
         print(
             f"- command: `{prefix}python -m bench.soak --env-file {args.env_file}"
             f" --nodes {args.nodes} --rate {args.rate:g} --minutes {args.minutes:g}"

@@ -17,14 +17,13 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 from prometheus_client import Counter, Gauge
 
-from . import outbox, store, topology
+from . import outbox, topology
 from .amqp_inbound import Inbound
 from .command_codec import (
     TERMINAL,
@@ -34,14 +33,13 @@ from .command_codec import (
     Status,
     decode_ack,
     inferred_outcomes,
-    utcnow,
 )
 from .command_intake import failed_record
 from .command_retained import Retained
+from .command_steps import Inferred, Todo, apply, rounds, todo
 from .dispatch import Pending
 from .errors import BadMessage
 from .metrics import Metrics
-from .outbox import Step
 from .store import Accepted, Failed
 
 if TYPE_CHECKING:
@@ -54,30 +52,7 @@ ACK_WORKERS = 4  # a node's acks always go to the same worker: their order is ke
 BATCH_MAX = 200
 # how far back the outbox is read at start to tell which nodes never ack
 UNACKING_MEMORY = timedelta(days=7)
-ALLOWED_FROM: dict[Status, tuple[Status, ...]] = {
-    "received": ("queued", "sent"),
-    "executed": ("queued", "sent", "received"),
-    "failed": ("queued", "sent", "received"),
-    "rejected": ("queued", "sent", "received"),
-    "expired": ("queued", "sent", "received"),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Inferred:
-    node_id: str
-    message_id: str
-    outcome: Status
-    event: str
-
-
 Item = Inbound | Inferred | Pending  # Pending: a command the broker PUBACKed
-
-
-@dataclass(frozen=True, slots=True)
-class Todo:
-    step: Step
-    source: Ack | Inferred | Pending
 
 
 class Tracker:
@@ -203,15 +178,15 @@ class Tracker:
         messages: list[Inbound] = []
         for item in batch:
             if isinstance(item, Pending | Inferred):
-                todos.append(_todo(item))
+                todos.append(todo(item))
                 continue
             messages.append(item)
             try:
-                todos.append(_todo(decode_ack(item.routing_key or "", item.body)))
+                todos.append(todo(decode_ack(item.routing_key or "", item.body)))
             except BadMessage as exc:
                 failed.append(failed_record(topology.ACK_QUEUE, item, exc))
-        rounds = _rounds(todos)
-        moved, unmatched = await self._retrying(lambda conn: _apply(conn, rounds, failed))
+        split = rounds(todos)
+        moved, unmatched = await self._retrying(lambda conn: apply(conn, split, failed))
         # committed: told at once, before anything else awaits, so whoever reads the row
         # has been sent its event too
         for m, source in moved:
@@ -347,71 +322,3 @@ class Tracker:
 
     async def _retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return await self.c.retrying(work)
-
-
-def _todo(item: Ack | Inferred | Pending) -> Todo:
-    if isinstance(item, Pending):
-        return Todo(Step(item.message_id, "sent", "broker PUBACK", ("queued",), True), item)
-    if isinstance(item, Inferred):
-        step = Step(item.message_id, item.outcome, "inferred", ("sent",), node_id=item.node_id)
-        return Todo(step, item)
-    target: Status = "executed" if item.status == "duplicate" else item.status
-    reason = item.detail or (
-        "node had already executed it (duplicate)"
-        if item.status == "duplicate"
-        else f"node acked {item.status}"
-    )
-    step = Step(
-        item.message_id,
-        target,
-        reason,
-        ALLOWED_FROM[target],
-        delivered=True,
-        reopen_expired=target != "expired",
-        node_id=item.node_id,
-        ack=item,
-    )
-    return Todo(step, item)
-
-
-def _rounds(todos: list[Todo]) -> list[list[Todo]]:
-    """Split into statements with each command at most once, keeping each one's order."""
-    rounds: list[list[Todo]] = []
-    seen: dict[str, int] = {}
-    for todo in todos:
-        i = seen[todo.step.message_id] = seen.get(todo.step.message_id, -1) + 1
-        if i == len(rounds):
-            rounds.append([])
-        rounds[i].append(todo)
-    return rounds
-
-
-async def _apply(
-    conn: Conn, rounds: list[list[Todo]], failed: list[Failed]
-) -> tuple[list[tuple[Moved, Ack | Inferred | Pending]], list[tuple[Ack, str]]]:
-    """Unreadable acks, then each round's transitions (unmatched acks kept): one statement
-    per round, in one transaction when there is more than one statement."""
-    if len(rounds) + bool(failed) > 1:
-        async with conn.transaction():
-            return await _apply_rounds(conn, rounds, failed)
-    return await _apply_rounds(conn, rounds, failed)
-
-
-async def _apply_rounds(
-    conn: Conn, rounds: list[list[Todo]], failed: list[Failed]
-) -> tuple[list[tuple[Moved, Ack | Inferred | Pending]], list[tuple[Ack, str]]]:
-    moved: list[tuple[Moved, Ack | Inferred | Pending]] = []
-    unmatched: list[tuple[Ack, str]] = []
-    if failed:
-        await store.write_batch(conn, [], failed)
-    for todos in rounds:
-        done, why = await outbox.move_many(conn, [t.step for t in todos], utcnow())
-        by_id: dict[str, list[Moved]] = {}
-        for m in done:
-            by_id.setdefault(m.message_id, []).append(m)
-        for t in todos:
-            if t.step.message_id in by_id:
-                moved.extend((m, t.source) for m in by_id[t.step.message_id])
-            elif isinstance(t.source, Ack):
-                unmatched.append((t.source, why.get(t.step.message_id, "unknown_command")))
-    return moved, unmatched

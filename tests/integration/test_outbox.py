@@ -9,7 +9,7 @@ import pytest
 
 from rnr_gateway import outbox
 from rnr_gateway.command_codec import Ack, NewCommand, Options, utcnow
-from rnr_gateway.command_tracking import ALLOWED_FROM
+from rnr_gateway.command_steps import ALLOWED_FROM
 from rnr_gateway.outbox import IMPLIED_SENT, Step
 
 NODE = "NODE-OUTBOX"

@@ -41,12 +41,14 @@ def test_seed_defaults_of_protocol_section_8() -> None:
     assert (s.log_level, s.log_format) == ("INFO", "text")
     assert s.amqp.url.value == AMQP and s.db.url.value == PG
     assert s.amqp.vhost == "rnr_iot_vhost"
+    assert s.retention.days == 0  # nothing is deleted unless asked
 
 
 def test_values_read_from_an_empty_environment_are_the_dataclass_defaults() -> None:
     """The reader's fallbacks and the dataclasses' own defaults never drift apart."""
     s = build()
-    for section in (s.amqp, s.mqtt, s.db, s.ingest, s.http, s.presence, s.commands):
+    sections = (s.amqp, s.mqtt, s.db, s.ingest, s.http, s.presence, s.commands, s.retention)
+    for section in sections:
         for f in dataclasses.fields(section):
             if f.default is not dataclasses.MISSING:
                 got = getattr(section, f.name)
@@ -102,6 +104,7 @@ BAD: dict[str, str] = {
     "API_ANONYMOUS_SCOPE": "root",
     "SHUTDOWN_TIMEOUT_S": "soon",
     "MQTT_RETRY_DELAY": "inf",
+    "RETENTION_DAYS": "-7",
 }
 
 
