@@ -25,7 +25,7 @@ import asyncpg
 from rnr_gateway.retention import BATCH_ROWS, prune
 from rnr_gateway.settings import Settings
 
-from .ingest import PREFIX
+from .ingest import PREFIX, say
 from .services import create_database, drop_database, revision
 
 MIB = 2**20
@@ -38,10 +38,6 @@ SELECT 'ESP32_' || lpad((i % 500)::text, 4, '0'),
        $2::timestamptz + i * interval '1 ms', 'reading', $3, i
 FROM generate_series(1, $1) AS i
 """
-
-
-def say(line: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
 async def size_of(conn: asyncpg.Connection) -> float:

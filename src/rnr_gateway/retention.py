@@ -19,12 +19,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
 from prometheus_client import Counter, Gauge
 
+from .command_codec import utcnow
 from .errors import DependencyUnavailable
 from .metrics import Metrics
 from .settings import RetentionSettings
@@ -83,10 +84,6 @@ TARGETS = (
         " WHERE last_seen < $1 LIMIT $2)",
     ),
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Retention:
