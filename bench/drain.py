@@ -31,7 +31,7 @@ import asyncpg
 import orjson
 
 from rnr_gateway.settings import Settings, read_env_file
-from rnr_gateway.simulate import FIRMWARE, reading
+from rnr_gateway.simulate_board import FIRMWARE, reading
 from rnr_gateway.topology import DEVICE_EXCHANGE, QUEUES, SENSOR_QUEUE
 
 from .ingest import PREFIX, ROOT, spawn, stop

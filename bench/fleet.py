@@ -38,6 +38,7 @@ async def main(args: argparse.Namespace) -> None:
         qos=args.qos,
         legacy_share=0,
         readings_only=True,
+        commands=False,  # the ingest load alone
         node_prefix=args.prefix,
         progress_interval_s=1.0,
     )

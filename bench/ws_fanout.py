@@ -49,7 +49,7 @@ import psutil
 
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Secret, Settings
-from rnr_gateway.simulate import reading
+from rnr_gateway.simulate_board import reading
 
 from .measure import peak_rss_mib
 from .services import (
@@ -217,7 +217,8 @@ class Bench:
             self.env_file,
             "simulate",
             *("--nodes", str(sc.nodes), "--rate", f"{sc.rate / sc.nodes:g}", "--qos", "1"),
-            *("--legacy-share", "0", "--readings-only", "--duration", f"{duration:g}"),
+            *("--legacy-share", "0", "--readings-only", "--no-commands"),
+            *("--duration", f"{duration:g}"),
             *("--prefix", f"WS{uuid.uuid4().hex[:4]}"),
             env={
                 **os.environ,

@@ -4,12 +4,16 @@ and enhanced payloads through the broker's MQTT plugin, so data flows with no ha
 Legacy nodes behave like the original Arduino firmware (MAC node ids, ``ESP32-<MAC>``
 client ids, QoS 0, bare-string ``offline`` LWT, forms A-F of PROTOCOL §3.1); enhanced
 nodes like the MicroPython firmware (QoS 1, ``boot``/``seq``/``ts``/``fw``).
+Both answer commands the way their firmware does (``simulate_commands``): enhanced nodes
+ack them, legacy nodes report what they did in a status event; ``REBOOT`` restarts the
+node (a new boot number after ``REBOOT_S``) and ``SET_INTERVAL`` changes its rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -22,13 +26,15 @@ from typing import Any
 import aiomqtt
 import orjson
 
+from . import firmware_node
 from .settings import Settings
-from .topics import data_topic, status_topic
+from .simulate_board import FIRMWARE, Outputs, legacy_answer, legacy_payload, reading, status_event
+from .topics import ack_topic, command_topic, data_topic, status_topic
 
 log = logging.getLogger(__name__)
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
-FIRMWARE = "sim-1.0"
 BOOT_EPOCH = 1_700_000_000  # boot numbers count seconds from here (they fit an int4)
+REBOOT_S = 2.0  # a simulated reset: the node is away this long, then boots again
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class FleetConfig:
     progress_interval_s: float = 5.0
     readings_only: bool = False  # only readings (benchmarks), no heartbeats/events/pings
     connect_retries: int = 20
+    commands: bool = True  # subscribe to commands and answer them as firmware does
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> FleetConfig:
@@ -86,6 +93,8 @@ class NodeReport:
     readings: int = 0
     reconnects: int = 0
     errors: int = 0
+    commands: int = 0  # commands received (copies of the retained one included)
+    reboots: int = 0
 
 
 @dataclass
@@ -102,51 +111,9 @@ class FleetReport:
     def errors(self) -> int:
         return sum(n.errors for n in self.nodes)
 
-
-def reading(node_id: str, rng: random.Random) -> dict[str, Any]:
-    """Form A, the full legacy reading."""
-    return {
-        "timestamp": time.strftime("%H:%M:%S"),
-        "temperature": round(rng.uniform(18, 32), 1),
-        "humidity": round(rng.uniform(30, 80), 1),
-        "gas_sensor": rng.randint(800, 1500),
-        "status": "online",
-        "node_id": node_id,
-        "servo_angle": rng.choice((0, 45, 90, 135)),
-        "light_state": rng.random() < 0.5,
-        "fan_state": rng.random() < 0.3,
-        "uptime": int(time.monotonic() * 1000),
-        "wifi_rssi": rng.randint(-80, -40),
-    }
-
-
-def legacy_payload(node_id: str, n: int, rng: random.Random, readings_only: bool) -> dict[str, Any]:
-    """Rotate through the legacy forms the way an Arduino node mixes them."""
-    if readings_only or n % 10 not in (3, 6, 9):
-        if n % 10 == 5 and not readings_only:
-            return {
-                "temperature": round(rng.uniform(18, 32), 1),
-                "node_id": node_id,
-                "timestamp": int(time.monotonic() * 1000),
-            }  # form F
-        return reading(node_id, rng)
-    if n % 10 == 3:
-        return {
-            "type": "heartbeat",
-            "status": "online",
-            "node_id": node_id,
-            "uptime": int(time.monotonic() * 1000),
-        }  # form C
-    if n % 10 == 6:
-        return {
-            "timestamp": "unknown",
-            "status": rng.choice(("light_on", "relay3_off")),
-            "free_heap": rng.randint(150_000, 210_000),
-            "wifi_rssi": -55,
-            "node_id": node_id,
-            "signal_strength": 70,
-        }  # form D
-    return {"test": "ping", "node_id": node_id}  # form E
+    @property
+    def commands(self) -> int:
+        return sum(n.commands for n in self.nodes)
 
 
 class SimulatedNode:
@@ -166,6 +133,16 @@ class SimulatedNode:
         self.qos = config.qos if config.qos is not None else (0 if legacy else 1)
         self.rng = random.Random(node_id)
         self.seq = 0
+        self.outputs = Outputs()
+        self.rebooting = False
+        # the firmware's own command rules; its memory of handled ids survives a reboot,
+        # as the boards keep it in flash
+        self.firmware = firmware_node.Node(
+            node_id, report.boot, time.time, self.outputs.actuators(), reset=self._reset
+        )
+
+    def _reset(self) -> None:
+        self.rebooting = True
 
     def _client(self) -> aiomqtt.Client:
         lwt: bytes = (
@@ -186,8 +163,10 @@ class SimulatedNode:
     def _payload(self) -> dict[str, Any]:
         n = self.report.sent
         if self.legacy:
-            return legacy_payload(self.node_id, n, self.rng, self.config.readings_only)
-        body = reading(self.node_id, self.rng)
+            return legacy_payload(
+                self.node_id, n, self.rng, self.config.readings_only, self.outputs
+            )
+        body = reading(self.node_id, self.rng, self.outputs)
         body.update(boot=self.report.boot, seq=self.seq, ts=time.time(), fw=FIRMWARE)
         return body
 
@@ -198,27 +177,29 @@ class SimulatedNode:
             return True
         return deadline is not None and time.monotonic() >= deadline
 
+    async def _status(self, client: aiomqtt.Client, body: dict[str, Any]) -> None:
+        await client.publish(status_topic(self.node_id), orjson.dumps(body), qos=1, retain=True)
+
     async def run(self, deadline: float | None) -> None:
         failures = 0
         while not self._done(deadline):
             try:
                 async with self._client() as client:
                     failures = 0
-                    await client.publish(
-                        status_topic(self.node_id),
-                        orjson.dumps({"status": "online", "node_id": self.node_id}),
-                        qos=1,
-                        retain=True,
-                    )
-                    await self._publish_loop(client, deadline)
-                    if self.legacy:  # legacy nodes just vanish; their LWT says offline
-                        continue
-                    await client.publish(
-                        status_topic(self.node_id),
-                        orjson.dumps({"status": "offline", "reason": "shutdown"}),
-                        qos=1,
-                        retain=True,
-                    )
+                    if self.config.commands:  # before it says online: nothing sent is missed
+                        await client.subscribe(command_topic(self.node_id), qos=1)
+                        if not self.legacy:
+                            await client.subscribe(f"{command_topic(self.node_id)}/last", qos=1)
+                    await self._status(client, {"status": "online", "node_id": self.node_id})
+                    await self._serve(client, deadline)
+                    if self.rebooting:
+                        if not self.legacy:  # as the firmware does before its reset
+                            await self._status(client, {"status": "offline", "reason": "reboot"})
+                    elif not self.legacy:  # legacy nodes just vanish; their LWT says offline
+                        await self._status(client, {"status": "offline", "reason": "shutdown"})
+                if self.rebooting:
+                    await self._reboot()
+                    continue
                 return
             except aiomqtt.MqttError as exc:
                 failures += 1
@@ -231,10 +212,54 @@ class SimulatedNode:
                 self.report.reconnects += 1
                 await asyncio.sleep(min(0.2 * 2 ** min(failures, 5), 5) * self.rng.uniform(0.5, 1))
 
+    async def _reboot(self) -> None:
+        """Away for REBOOT_S, then a new boot: sequence numbers start again."""
+        self.rebooting = False
+        self.report.reboots += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), REBOOT_S)
+        self.report.boot = self.firmware.boot = self.report.boot + 1
+        self.seq = 0
+
+    async def _serve(self, client: aiomqtt.Client, deadline: float | None) -> None:
+        """Publish readings, and answer commands meanwhile, until done or a REBOOT."""
+        publisher = asyncio.create_task(self._publish_loop(client, deadline))
+        if not self.config.commands:
+            await publisher
+            return
+        listener = asyncio.create_task(self._commands(client))
+        try:
+            await asyncio.wait((publisher, listener), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (publisher, listener):
+                task.cancel()
+            done = await asyncio.gather(publisher, listener, return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, Exception):
+                raise outcome
+
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if not isinstance(message.payload, bytes):
+                continue
+            self.report.commands += 1
+            if self.legacy:
+                answer = legacy_answer(self.outputs, message.payload)
+                self.rebooting = answer.reboot
+                if answer.event is not None:
+                    event = status_event(self.node_id, answer.event, self.rng)
+                    await client.publish(data_topic(self.node_id), orjson.dumps(event), qos=0)
+            else:
+                for ack in self.firmware.handle(message.payload):
+                    await client.publish(ack_topic(self.node_id), ack, qos=1)
+                self.firmware.run_pending()  # a REBOOT resets only once its acks are out
+            if self.rebooting:
+                return
+
     async def _publish_loop(self, client: aiomqtt.Client, deadline: float | None) -> None:
-        interval = 1.0 / self.config.rate_hz if self.config.rate_hz > 0 else 0.0
-        next_at = time.monotonic() + self.rng.uniform(0, interval)
+        next_at = time.monotonic() + self.rng.uniform(0, self._interval())
         while not self._done(deadline):
+            interval = self._interval()
             if interval:
                 delay = next_at - time.monotonic()
                 if delay > 0:
@@ -248,7 +273,7 @@ class SimulatedNode:
             seq = self.seq
             try:
                 await client.publish(data_topic(self.node_id), orjson.dumps(body), qos=self.qos)
-            except aiomqtt.MqttError:
+            except (aiomqtt.MqttError, asyncio.CancelledError):  # outcome unknown
                 if not self.legacy:
                     self.report.uncertain.append(seq)
                     self.seq += 1
@@ -262,6 +287,12 @@ class SimulatedNode:
             self.report.sent += 1
             if not interval and self.qos == 0:
                 await asyncio.sleep(0)
+
+    def _interval(self) -> float:
+        """Seconds between messages: the fleet's rate, or what SET_INTERVAL set."""
+        if self.outputs.interval_s is not None:
+            return self.outputs.interval_s
+        return 1.0 / self.config.rate_hz if self.config.rate_hz > 0 else 0.0
 
 
 async def run_fleet(
@@ -300,7 +331,8 @@ def _summary(report: FleetReport, *, final: bool) -> str:
     word = "done" if final else "running"
     return (
         f"simulator {word}: {len(report.nodes)} nodes, {report.sent} messages sent "
-        f"({rate:.0f}/s over {elapsed:.0f} s), {report.errors} errors"
+        f"({rate:.0f}/s over {elapsed:.0f} s), {report.errors} errors, "
+        f"{report.commands} commands answered"
     )
 
 
@@ -339,6 +371,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send readings only (no heartbeats, events or pings)",
     )
+    parser.add_argument(
+        "--no-commands",
+        dest="commands",
+        action="store_false",
+        help="do not subscribe to commands (default: answer them as the firmware does)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings) -> FleetConfig:
@@ -355,4 +393,5 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> FleetConfi
         node_prefix=args.prefix,
         **({} if args.boot is None else {"boot": args.boot}),
         readings_only=args.readings_only,
+        commands=args.commands,
     )

@@ -1,0 +1,1 @@
+../../firmware/micropython/rnr_node.py
