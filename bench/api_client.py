@@ -10,7 +10,8 @@ open loop included; docs/benchmarks.md, the API client column), and 1.4 cores at
 taken from the two the gateway, broker and database share.
 
     python -m bench.api_client < config.json   (started by bench.commands)
-    config: {"base_url", "token", "nodes": [...], "rate", "duration", "tag"}
+    config: {"base_url", "token", "nodes": [...], "rate", "duration", "tag"[, "body"]}
+    (body: the command sent, default {"action": "PING"})
     prints: {"sent": n, "started": {message_id: monotonic seconds}, "cpu_s": client CPU}
 """
 
@@ -89,7 +90,7 @@ async def run(config: dict[str, Any]) -> dict[str, Any]:
     async def fire(k: int) -> None:
         mid = f"gw-{tag}-{k}"
         started[mid] = time.monotonic()
-        body = orjson.dumps({"action": "PING", "message_id": mid})
+        body = orjson.dumps({**config.get("body", {"action": "PING"}), "message_id": mid})
         request = (
             f"POST /api/nodes/{nodes[k % len(nodes)]}/actions HTTP/1.1\r\n{head}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

@@ -18,6 +18,12 @@ code, whatever the allocator does with its pages (tracing inflates RSS).
     python -m bench.soak --env-file .env --malloc              (the same, malloc counted)
     python -m bench.soak --env-file .env --trace               (and the Python heap traced)
     python -m bench.soak --env-file .env --nodes 100 --minutes 2
+    python -m bench.soak --env-file .env --commands 2          (and 2 commands a second)
+
+With ``--commands R`` an API client (``bench/api_client.py``) posts R ``RELAY_CONTROL``
+commands a second, round robin over the fleet: the simulated nodes answer them as their
+firmware does (enhanced ones ack, legacy ones send the status event the gateway infers
+from), and the outbox is read at the end: every command's status, and API → executed.
 
 Hold the machine's test lock while it runs: ``flock /tmp/rnr-test.lock make bench-soak``.
 """
@@ -30,6 +36,7 @@ import os
 import re
 import secrets
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -37,9 +44,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
+import orjson
 import psutil
 
 from rnr_gateway.settings import Settings, read_env_file
+from rnr_gateway.simulate import FleetConfig
 
 from .ingest import PREFIX, ROOT, spawn, stop
 from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, machine, with_path
@@ -47,6 +56,7 @@ from .ws_fanout import ClientProcess
 from .ws_report import Scenario
 
 MIB = 2**20
+Process = asyncio.subprocess.Process
 
 
 def say(line: str) -> None:
@@ -150,15 +160,20 @@ def traced(lines: list[str]) -> list[str]:
     return out
 
 
-async def ws_clients(count: int, log_path: Path, token: str) -> ClientProcess:
-    """``count`` WebSocket clients (bench/ws_clients.py) reading every event, all the run."""
+async def http_port(log_path: Path) -> int:
+    """The port the gateway says it serves HTTP on (it binds port 0)."""
     deadline = time.monotonic() + 30
     pattern = re.compile(r"HTTP on http://[^:/]+:(\d+)/")
     while not (found := pattern.search(await asyncio.to_thread(log_path.read_text))):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the gateway did not say its HTTP port in 30 s: {log_path}")
         await asyncio.sleep(0.2)
-    url = f"ws://127.0.0.1:{found[1]}/ws"
+    return int(found[1])
+
+
+async def ws_clients(count: int, log_path: Path, token: str) -> ClientProcess:
+    """``count`` WebSocket clients (bench/ws_clients.py) reading every event, all the run."""
+    url = f"ws://127.0.0.1:{await http_port(log_path)}/ws"
     clients = await ClientProcess.start(
         url, token, Scenario("mqtt", 0, count, 0, 0, deflate=False), ["--no-lags"]
     )
@@ -177,6 +192,66 @@ async def ws_result(clients: ClientProcess) -> list[str]:
         f"- WebSocket: {len(frames)} clients the whole run; sensor_data frames per client"
         f" {min(frames):,} to {max(frames):,}; resyncs {resyncs}; closed early:"
         f" {', '.join(closed) or 'none'}"
+    ]
+
+
+async def api_client(log_path: Path, token: str, nodes: int, rate: float, secs: float) -> Process:
+    """Posts ``rate`` commands a second for ``secs`` (bench/api_client.py), round robin over
+    the simulator's nodes (``FleetConfig.node_ids``: the fleet's defaults)."""
+    port = await http_port(log_path)
+    config = {
+        "base_url": f"http://127.0.0.1:{port}",
+        "token": token,
+        "nodes": [n for n, _ in FleetConfig(host="", port=0, nodes=nodes).node_ids()],
+        "rate": rate,
+        "duration": secs,
+        "tag": uuid.uuid4().hex[:6],
+        "body": {"action": "RELAY_CONTROL", "relay": 1, "state": True},
+    }
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.api_client",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert client.stdin is not None
+    client.stdin.write(orjson.dumps(config))
+    client.stdin.close()
+    return client
+
+
+COMMANDS = """
+SELECT count(*) FILTER (WHERE status = 'executed' AND reason = 'inferred') AS inferred,
+       count(*) AS total,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY finished_at - created_at)
+           FILTER (WHERE status = 'executed') AS took
+FROM commands
+"""
+
+
+async def commands_result(client: Process, db_url: str) -> list[str]:
+    """What the outbox says of the commands the API client posted, once it is done."""
+    out, _ = await asyncio.wait_for(client.communicate(), 120)
+    if client.returncode != 0:
+        return [f"- commands: the API client failed (exit {client.returncode})"]
+    sent = int(orjson.loads(out)["sent"])
+    await asyncio.sleep(5)  # the last ones answered
+    conn = await asyncpg.connect(db_url)
+    try:
+        by_status = await conn.fetch(
+            "SELECT status, count(*) FROM commands GROUP BY 1 ORDER BY 2 DESC"
+        )
+        row = await conn.fetchrow(COMMANDS)
+    finally:
+        await conn.close()
+    statuses = ", ".join(f"{r['status']} {r['count']:,}" for r in by_status)
+    took = row["took"] or [None, None]
+    ms = [f"{t.total_seconds() * 1000:.0f}" if t is not None else "-" for t in took]
+    return [
+        f"- commands: {sent:,} posted, {row['total']:,} in the outbox: {statuses}"
+        f" ({row['inferred']:,} executed by inference, from legacy nodes' status events);"
+        f" API → executed p50 {ms[0]} ms, p99 {ms[1]} ms"
     ]
 
 
@@ -226,6 +301,7 @@ async def soak(args: argparse.Namespace) -> int:
     admin = BrokerAdmin(ADMIN_URL)
     name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
     token = secrets.token_hex(16)  # the WebSocket clients' (--ws)
+    commander = secrets.token_hex(16)  # the API client's (--commands)
     user = unquote(urlsplit(settings.amqp.url.value).username or "")
     await asyncio.to_thread(admin.create_vhost, name, user)
     db_url = await create_database(settings.db.url.value, name)
@@ -239,7 +315,9 @@ async def soak(args: argparse.Namespace) -> int:
         "PYTHONPATH": str(ROOT),
         "TRACE_EVERY_S": str(args.every),
         "TRACE_PYTHON": "1" if args.trace else "0",
-        "API_TOKENS": ",".join(filter(None, (file_env.get("API_TOKENS"), f"read:{token}"))),
+        "API_TOKENS": ",".join(
+            filter(None, (file_env.get("API_TOKENS"), f"read:{token}", f"command:{commander}"))
+        ),
     }
     log_path = Path(tempfile.mkstemp(prefix="rnr-soak-", suffix=".log")[1])
     fleet = ["-m", "rnr_gateway", "simulate", "--nodes", str(args.nodes)]
@@ -253,7 +331,8 @@ async def soak(args: argparse.Namespace) -> int:
             f" --nodes {args.nodes} --rate {args.rate:g} --minutes {args.minutes:g}"
             f" --every {args.every:g}{' --trace' if args.trace else ''}"
             f"{' --malloc' if args.malloc and not args.trace else ''}"
-            f"{f' --ws {args.ws}' if args.ws else ''}`"
+            f"{f' --ws {args.ws}' if args.ws else ''}"
+            f"{f' --commands {args.commands:g}' if args.commands else ''}`"
         )
         print("- machine: " + ", ".join(f"{k} {v}" for k, v in described.items()))
         print(f"- gateway log: {log_path}\n")
@@ -264,14 +343,24 @@ async def soak(args: argparse.Namespace) -> int:
             gateway = await spawn(run, env, log)
             simulator = await spawn([*fleet, "--rate", str(args.rate)], env, quiet)
             clients: ClientProcess | None = None
+            poster: Process | None = None
             try:
                 if args.ws:
                     clients = await ws_clients(args.ws, log_path, token)
+                if args.commands:
+                    secs = max(1.0, args.minutes * 60 - 2 * args.every)  # done before the end
+                    poster = await api_client(log_path, commander, args.nodes, args.commands, secs)
                 points, kinds = await sample(
                     psutil.Process(gateway.pid), db_url, args.minutes, args.every
                 )
                 seen = await ws_result(clients) if clients else []
+                if poster is not None:
+                    seen += await commands_result(poster, db_url)
+                    poster = None
             finally:
+                if poster is not None:
+                    poster.kill()
+                    await poster.wait()
                 if clients is not None:
                     await clients.close()
                 await stop(simulator)
@@ -295,9 +384,10 @@ def main() -> int:
     p.add_argument("--trace", action="store_true", help="trace the Python heap (tracemalloc)")
     p.add_argument("--malloc", action="store_true", help="count glibc malloc's bytes (cheap)")
     p.add_argument("--ws", type=int, default=0, metavar="N", help="WebSocket clients reading all")
+    p.add_argument("--commands", type=float, default=0, metavar="R", help="commands a second")
     args = p.parse_args()
-    if not 0 < args.minutes <= 24 * 60 or args.every <= 0 or args.nodes < 1:
-        p.error("--minutes must be 0-1440, --every and --nodes positive")
+    if not 0 < args.minutes <= 24 * 60 or args.every <= 0 or args.nodes < 1 or args.commands < 0:
+        p.error("--minutes must be 0-1440, --every and --nodes positive, --commands 0 or more")
     return asyncio.run(soak(args))
 
 

@@ -147,7 +147,14 @@ class Tracker:
                 return
 
     def published(self, cmd: Pending) -> None:
-        """The broker PUBACKed the command: 'sent' is recorded in order with its acks."""
+        """The broker PUBACKed the command: 'sent' is recorded in order with its acks. It
+        awaits a legacy node's status event from now on, not once 'sent' is committed: the
+        node answers within milliseconds, and an event stored before that commit would be
+        missed (and taken for the next command's)."""
+        outcomes = inferred_outcomes(orjson.loads(cmd.payload))
+        if outcomes:
+            until = time.monotonic() + self.settings.infer_window_s
+            self._awaiting.setdefault(cmd.node_id, {})[cmd.message_id] = (outcomes, until)
         self._queue_of(f"devices.{cmd.node_id}.ack").put_nowait(cmd)
 
     # -- the workers ---------------------------------------------------------------------
@@ -259,10 +266,6 @@ class Tracker:
     def _after_sent(self, moved: Moved, cmd: Pending) -> None:
         """Sent: now wait for the node (bounded), or not at all for a node without acks."""
         self.c.emit(moved)
-        outcomes = inferred_outcomes(orjson.loads(cmd.payload))
-        if outcomes:
-            until = time.monotonic() + self.settings.infer_window_s
-            self._awaiting.setdefault(cmd.node_id, {})[cmd.message_id] = (outcomes, until)
         if cmd.node_id in self._silent:
             self._settle(cmd.node_id, cmd.message_id)  # acks unlikely: do not hold the node
         elif cmd.message_id not in self._received:

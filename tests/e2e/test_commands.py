@@ -15,6 +15,8 @@ import httpx
 import orjson
 import pytest
 
+from rnr_gateway import command_tracking
+from rnr_gateway.command_steps import apply
 from rnr_gateway.errors import (
     CommandConflict,
     CommandNotFound,
@@ -342,6 +344,33 @@ async def test_legacy_node_ends_at_sent_and_a_status_event_infers_executed(
     assert done.reason == "inferred" and statuses(done) == ["queued", "sent", "executed"]
     assert (await gw.commands.get(fan.message_id)).status == "sent"
     assert gw.metrics.value("rnr_command_ack_timeouts_total") == 1  # only the first waited
+
+
+async def test_a_status_event_stored_before_sent_is_committed_still_infers_its_command(
+    gw: Gateway, cmd_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A legacy node answers within milliseconds: its event can be stored before the
+    command's 'sent' is. Here 'sent' commits 0.5 s late, every time."""
+    slow = asyncio.Event()
+
+    async def late_sent(conn: Any, rounds: Any, failed: Any) -> Any:
+        if any(t.step.status == "sent" for todos in rounds for t in todos):
+            slow.set()
+            await asyncio.sleep(0.5)
+        return await apply(conn, rounds, failed)
+
+    monkeypatch.setattr(command_tracking, "apply", late_sent)
+    node = TestNode(cmd_settings, "AABBCCDDEE03", acks=False)
+    async with node.connected(gw):
+        relay = await gw.commands.submit(
+            "AABBCCDDEE03", {"action": "RELAY_CONTROL", "relay": 2, "state": True}
+        )
+        await eventually(lambda: node.log.ids, lambda ids: relay.message_id in ids, within=5)
+        assert slow.is_set()
+        event = {"timestamp": "unknown", "status": "relay2_on", "free_heap": 198000}
+        await node.send("data", event)
+        done = await settled(gw, relay.message_id, frozenset(("executed",)))
+    assert done.reason == "inferred" and statuses(done) == ["queued", "sent", "executed"]
 
 
 async def test_a_node_known_not_to_ack_is_still_known_after_a_restart(
