@@ -195,14 +195,34 @@ async def ws_result(clients: ClientProcess) -> list[str]:
     ]
 
 
-async def api_client(log_path: Path, token: str, nodes: int, rate: float, secs: float) -> Process:
+async def fleet_known(db_url: str, node_ids: list[str], within_s: float = 120) -> None:
+    """Wait until every node of the fleet has sent a message (the API refuses commands for
+    a node it does not know)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        deadline = time.monotonic() + within_s
+        query = "SELECT count(*) FROM nodes WHERE node_id = ANY($1::text[])"
+        while (known := await conn.fetchval(query, node_ids)) < len(node_ids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{known} of {len(node_ids)} nodes known in {within_s:g} s")
+            await asyncio.sleep(1)
+    finally:
+        await conn.close()
+
+
+async def api_client(
+    log_path: Path, db_url: str, token: str, nodes: int, rate: float, secs: float
+) -> Process:
     """Posts ``rate`` commands a second for ``secs`` (bench/api_client.py), round robin over
-    the simulator's nodes (``FleetConfig.node_ids``: the fleet's defaults)."""
+    the simulator's nodes (``FleetConfig.node_ids``: the fleet's defaults), once every one
+    of them is known."""
     port = await http_port(log_path)
+    node_ids = [n for n, _ in FleetConfig(host="", port=0, nodes=nodes).node_ids()]
+    await fleet_known(db_url, node_ids)
     config = {
         "base_url": f"http://127.0.0.1:{port}",
         "token": token,
-        "nodes": [n for n, _ in FleetConfig(host="", port=0, nodes=nodes).node_ids()],
+        "nodes": node_ids,
         "rate": rate,
         "duration": secs,
         "tag": uuid.uuid4().hex[:6],
@@ -349,7 +369,9 @@ async def soak(args: argparse.Namespace) -> int:
                     clients = await ws_clients(args.ws, log_path, token)
                 if args.commands:
                     secs = max(1.0, args.minutes * 60 - 2 * args.every)  # done before the end
-                    poster = await api_client(log_path, commander, args.nodes, args.commands, secs)
+                    poster = await api_client(
+                        log_path, db_url, commander, args.nodes, args.commands, secs
+                    )
                 points, kinds = await sample(
                     psutil.Process(gateway.pid), db_url, args.minutes, args.every
                 )
