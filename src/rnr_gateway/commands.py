@@ -3,7 +3,8 @@
 The outbox (PostgreSQL ``commands``) is the record of truth; the broker queue is the
 intake: every command, ours or another producer's, passes through it with its priority
 and TTL, and a delivery is acked once its command is in the outbox and offered to the
-in-memory per-node scheduler (``dispatch.Scheduler``). See docs/commands.md.
+in-memory per-node scheduler (``dispatch.Scheduler``), from which the dispatcher
+(``command_dispatch``) publishes. See docs/commands.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .command_codec import (
     validate,
     validate_options,
 )
+from .command_dispatch import Dispatcher
 from .command_intake import Intake
 from .command_sweep import Sweeper
 from .command_tracking import Tracker
@@ -42,10 +44,10 @@ from .errors import (
     NodeNotFound,
 )
 from .metrics import Metrics
-from .mqtt import Mqtt, PublishUnconfirmed
+from .mqtt import Mqtt
 from .outbox import Step
 from .settings import Settings
-from .topics import command_topic, valid_node_id
+from .topics import valid_node_id
 
 if TYPE_CHECKING:
     from .db import Conn
@@ -90,14 +92,11 @@ class Commands:
         self.db, self.amqp, self.mqtt, self.presence = db, amqp, mqtt, presence
         self.listeners: list[OnStatus] = [on_status] if on_status else []
         self.scheduler = Scheduler(self.settings.max_in_flight)
+        self.dispatcher = Dispatcher(self)
         self.tracker = Tracker(self, metrics)
         self.intake = Intake(self)
         self.sweeper = Sweeper(self)
-        self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._draining = False
-        self._sending: set[asyncio.Task[None]] = set()
-        self._tg: asyncio.TaskGroup | None = None
         # set while this gateway holds the command and ack queues (the broker's exclusive
         # consumers): only then does it dispatch; another gateway on the vhost stands by
         self.active = asyncio.Event()
@@ -239,13 +238,13 @@ class Commands:
         self.listeners.append(callback)
 
     def wake(self) -> None:
-        self._wake.set()
+        self.dispatcher.wake()
 
     def offer(self, pending: Pending) -> None:
         # standing by, a command is the holder's to send: it gets it from the command
         # queue, or from the outbox (``_adopt_orphans``)
         if self.active.is_set() and self.scheduler.offer(pending):
-            self._wake.set()
+            self.wake()
 
     # -- wiring --------------------------------------------------------------------------
     def consumers(self) -> list[Consumer]:
@@ -269,25 +268,23 @@ class Commands:
     def _on_presence(self, change: PresenceChange) -> None:
         if change.status == "online":
             self.scheduler.wake(change.node_id)
-            self._wake.set()
+            self.wake()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            self._tg = tg
             tg.create_task(self._hold_loop(), name="commands-hold")
-            tg.create_task(self._dispatch_loop(), name="commands-dispatch")
+            tg.create_task(self.dispatcher.run(), name="commands-dispatch")
             tg.create_task(self.intake.run(), name="commands-intake")
             tg.create_task(self.tracker.run(), name="commands-acks")
             tg.create_task(self.sweeper.run(), name="commands-sweep")
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop dispatching; let publishes in progress and buffered acks settle (bounded)."""
-        self._draining = True
+        self.dispatcher.draining = True
         try:
             async with asyncio.timeout(timeout_s):
-                while self._sending:
-                    await asyncio.wait(set(self._sending))
+                await self.dispatcher.drain()
                 await self.tracker.drain()
                 await self.intake.drain()
         except TimeoutError:
@@ -322,76 +319,7 @@ class Commands:
         await self.tracker.retained.load()
         await self.tracker.load_unacking(at)
         log.info("commands: %d queued, %d in flight restored", len(rows) - held, held)
-        self._wake.set()
-
-    # -- dispatch ------------------------------------------------------------------------
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._draining or not self.active.is_set():
-                continue
-            if not self.mqtt.connected.is_set():
-                await self.mqtt.connected.wait()
-            batch = self.scheduler.take(self.presence.is_online)
-            if batch:
-                await self._dispatch(batch)
-
-    async def _dispatch(self, batch: list[Pending]) -> None:
-        """Claim what was taken in one statement, then publish each claimed command."""
-        ids = [cmd.message_id for cmd in batch]
-        try:
-            claimed = await self.retrying(lambda c: outbox.claim_many(c, ids, utcnow()))
-        except DependencyUnavailable:  # stopping while the database is down
-            claimed = set()
-        assert self._tg is not None
-        for cmd in batch:
-            if cmd.message_id not in claimed:  # cancelled, expired or sent meanwhile
-                self.scheduler.settle(cmd.node_id, cmd.message_id)
-                self._wake.set()
-                continue
-            task = self._tg.create_task(self._send(cmd), name=f"command-{cmd.message_id}")
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, cmd: Pending) -> None:
-        try:
-            if not self._unexpired(cmd):
-                return
-            if cmd.retain:
-                await self.tracker.retained.publish(cmd)
-                if not self._unexpired(cmd):
-                    return
-            await self.mqtt.publish(command_topic(cmd.node_id), cmd.payload, qos=1)
-        except PublishUnconfirmed as exc:
-            log.warning(
-                "command %s to %s: %s; resending with the same id",
-                cmd.message_id,
-                cmd.node_id,
-                exc.cause,
-            )
-            await asyncio.sleep(self.retry_delay_s)
-            self.scheduler.requeue(cmd)
-            self._wake.set()
-            return
-        except DependencyUnavailable as exc:  # the database, while stopping
-            log.warning("command %s left for the next start: %s", cmd.message_id, exc)
-            self.scheduler.settle(cmd.node_id, cmd.message_id)
-            return
-        self.tracker.published(cmd)
-
-    def _unexpired(self, cmd: Pending) -> bool:
-        """Checked right before each publish (the claim checked too, but a publish before
-        this one may have taken long): an expired command is never handed to MQTT; the
-        sweep records it ``expired``."""
-        if time.time() < cmd.expires_at:
-            return True
-        log.info(
-            "command %s to %s expired before its publish; not sent", cmd.message_id, cmd.node_id
-        )
-        self.scheduler.settle(cmd.node_id, cmd.message_id)
-        self._wake.set()
-        return False
+        self.wake()
 
     # -- helpers -------------------------------------------------------------------------
     def emit(self, moved: Moved) -> None:

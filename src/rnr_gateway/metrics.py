@@ -11,7 +11,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class Metrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._ingest()
+        self._connections()
+        self._presence()
+        self._web()
+
+    def _ingest(self) -> None:
+        r = self.registry
         self.consumed = Counter(
             "rnr_messages_consumed", "AMQP deliveries received", ["queue"], registry=r
         )
@@ -54,6 +61,9 @@ class Metrics:
         self.in_client = Gauge(
             "rnr_ingest_unacked_in_client", "Deliveries received but not yet acked", registry=r
         )
+
+    def _connections(self) -> None:
+        r = self.registry
         self.dependency_up = Gauge(
             "rnr_dependency_up", "1 when the dependency is usable", ["system"], registry=r
         )
@@ -74,6 +84,8 @@ class Metrics:
             "rnr_amqp_published", "Publishes confirmed by the broker", ["exchange"], registry=r
         )
 
+    def _presence(self) -> None:
+        r = self.registry
         self.nodes = Gauge("rnr_nodes", "Known nodes by presence state", ["state"], registry=r)
         self.presence_transitions = Counter(
             "rnr_presence_transitions",
@@ -87,6 +99,9 @@ class Metrics:
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5),
             registry=r,
         )
+
+    def _web(self) -> None:
+        r = self.registry
         self.ws_clients = Gauge("rnr_ws_clients", "Connected WebSocket clients", registry=r)
         self.ws_events = Counter(
             "rnr_ws_events_sent", "Events sent to WebSocket clients", registry=r

@@ -88,8 +88,10 @@ class NodeReport:
     legacy: bool
     boot: int
     sent: int = 0
-    confirmed: list[int] = field(default_factory=list)  # seqs the broker PUBACKed
-    uncertain: list[int] = field(default_factory=list)  # publish outcome unknown
+    # seqs the broker PUBACKed, and those whose outcome is unknown (a REBOOT starts the
+    # seqs of a new boot: then they hold the seqs of several boots)
+    confirmed: list[int] = field(default_factory=list)
+    uncertain: list[int] = field(default_factory=list)
     readings: int = 0
     reconnects: int = 0
     errors: int = 0
