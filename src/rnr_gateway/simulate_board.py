@@ -28,7 +28,7 @@ from .command_codec import inferred_outcomes
 Actuator = Callable[[dict[str, Any]], object]
 RELAYS = range(1, 6)
 NEW_ACTIONS = frozenset(("SET_INTERVAL", "PING"))  # unknown to the Arduino firmware
-INTERVAL_RANGE_S = (1, 3600)
+INTERVAL_RANGE_S = (1, 86_400)
 FIRMWARE = "sim-1.0"  # the ``fw`` of enhanced simulated nodes
 
 
@@ -39,7 +39,14 @@ def _flag(command: dict[str, Any], key: str) -> bool:
     return value
 
 
-def _number(command: dict[str, Any], key: str, low: int, high: int) -> int:
+def _number(command: dict[str, Any], key: str, low: int, high: int) -> float:
+    value = command.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{key} must be a number from {low} to {high}")
+    return value
+
+
+def _whole(command: dict[str, Any], key: str, low: int, high: int) -> int:
     value = command.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValueError(f"{key} must be a whole number from {low} to {high}")
@@ -77,16 +84,16 @@ class Outputs:
         }
 
     def _relay(self, command: dict[str, Any]) -> None:
-        relay = _number(command, "relay", RELAYS.start, RELAYS.stop - 1)
+        relay = _whole(command, "relay", RELAYS.start, RELAYS.stop - 1)
         self.relays[relay] = _flag(command, "state")
 
     def _servo(self, command: dict[str, Any]) -> None:
-        self.servo_angle = _number(command, "angle", 0, 180)
+        self.servo_angle = round(_number(command, "angle", 0, 180))
 
     def _schedule(self, command: dict[str, Any]) -> None:
         self.light_schedule = (
-            _number(command, "on_hour", 0, 23),
-            _number(command, "off_hour", 0, 23),
+            _whole(command, "on_hour", 0, 23),
+            _whole(command, "off_hour", 0, 23),
         )
 
     def _interval(self, command: dict[str, Any]) -> None:

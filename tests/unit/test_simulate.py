@@ -46,8 +46,9 @@ def test_outputs_follow_commands_and_bad_parameters_are_refused() -> None:
     for action, params, message in [
         ("RELAY_CONTROL", {"relay": 9, "state": True}, "relay must be a whole number from 1 to 5"),
         ("RELAY_CONTROL", {"relay": 2, "state": "on"}, "state must be true or false"),
-        ("SERVO_ANGLE", {"angle": True}, "angle must be a whole number from 0 to 180"),
-        ("SET_INTERVAL", {"seconds": 0}, "seconds must be a whole number from 1 to 3600"),
+        ("SERVO_ANGLE", {"angle": True}, "angle must be a number from 0 to 180"),
+        ("SET_INTERVAL", {"seconds": 0}, "seconds must be a number from 1 to 86400"),
+        ("SET_LIGHT_SCHEDULE", {"on_hour": 6.5, "off_hour": 1}, "on_hour must be a whole"),
     ]:
         with pytest.raises(ValueError, match=message):
             act[action](params)
