@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import math
 import secrets
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ from rnr_gateway.mqtt import NODELAY
 from rnr_gateway.settings import Secret, Settings
 from rnr_gateway.topology import ACK_QUEUE
 
-from .api_client import open_loop
+from .api_client import open_loop, start_api_client
 from .command_nodes import mqtt_config, nodes_process
 from .services import (
     ADMIN_URL,
@@ -231,14 +230,8 @@ async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: 
     }
     try:
         with Cpu() as cpu:  # the client process starts after: not counted
-            client = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.api_client",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            out, _ = await client.communicate(orjson.dumps(config))
+            client = await start_api_client(config)
+            out, _ = await client.communicate()
             if client.returncode != 0:
                 raise SystemExit("bench: the API client failed (its error is above)")
             result = orjson.loads(out)

@@ -34,17 +34,10 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from rnr_gateway.retention import BATCH_ROWS, prune
-from rnr_gateway.settings import Settings, read_env_file
+from rnr_gateway.settings import Settings
 
-from .ingest import PREFIX, ROOT, say, spawn, stop
-from .services import (
-    ADMIN_URL,
-    BrokerAdmin,
-    create_database,
-    drop_database,
-    revision,
-    with_path,
-)
+from .ingest import PREFIX, say, spawn, stop
+from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, process_env, revision
 
 MIB = 2**20
 FILL = """
@@ -77,6 +70,7 @@ FROM sensor_data WHERE ts IS NOT NULL AND stored_at >= $1 AND stored_at < $2
 
 async def latency(conn: asyncpg.Connection, label: str, start: datetime, end: datetime) -> str:
     row = await conn.fetchrow(LATENCY, start, end)
+    assert row is not None  # an aggregate: always one row
     secs = (end - start).total_seconds()
     took = row["took"] or [float("nan")] * 2
     return (
@@ -94,13 +88,7 @@ async def pass_under_load(
     user = unquote(urlsplit(settings.amqp.url.value).username or "")
     await asyncio.to_thread(admin.create_vhost, name, user)
     env = {
-        **os.environ,
-        **read_env_file(Path(env_file)),
-        "RABBITMQ_URL": with_path(settings.amqp.url.value, name),
-        "DATABASE_URL": db_url,
-        "MQTT_USERNAME": f"{name}:{settings.mqtt.username or ''}",
-        "HTTP_PORT": "0",
-        "PYTHONPATH": str(ROOT),
+        **process_env(env_file, settings, name, db_url),
         "RETENTION_DAYS": "30",
         "RETENTION_INTERVAL_S": f"{FIRST_PASS_S:g}",
     }

@@ -26,6 +26,7 @@ from rnr_gateway.settings import read_env_file
 
 if TYPE_CHECKING:
     from rnr_gateway.gateway import Gateway
+    from rnr_gateway.settings import Settings
 
 Say = Callable[[str], None]
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,21 @@ ADMIN_URL = admin_url()
 def with_path(url: str, path: str) -> str:
     """The URL with its path (vhost or database name) replaced."""
     return urlunsplit(urlsplit(url)._replace(path="/" + quote(path, safe="")))
+
+
+def process_env(env_file: str, settings: Settings, vhost: str, db_url: str) -> dict[str, str]:
+    """The environment of a gateway or simulator process of a benchmark: the env file's
+    settings, on its own vhost (``RABBITMQ_URL`` and the MQTT user name) and database,
+    HTTP on a free port (the gateway logs which), this tree's code."""
+    return {
+        **os.environ,
+        **read_env_file(Path(env_file)),
+        "RABBITMQ_URL": with_path(settings.amqp.url.value, vhost),
+        "DATABASE_URL": db_url,
+        "MQTT_USERNAME": f"{vhost}:{settings.mqtt.username or ''}",
+        "HTTP_PORT": "0",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 class BrokerAdmin:

@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -50,8 +49,16 @@ import psutil
 from rnr_gateway.settings import Settings, read_env_file
 from rnr_gateway.simulate import FleetConfig
 
-from .ingest import PREFIX, ROOT, spawn, stop
-from .services import ADMIN_URL, BrokerAdmin, create_database, drop_database, machine, with_path
+from .api_client import start_api_client
+from .ingest import PREFIX, spawn, stop
+from .services import (
+    ADMIN_URL,
+    BrokerAdmin,
+    create_database,
+    drop_database,
+    machine,
+    process_env,
+)
 from .ws_fanout import ClientProcess
 from .ws_report import Scenario
 
@@ -228,17 +235,7 @@ async def api_client(
         "tag": uuid.uuid4().hex[:6],
         "body": {"action": "RELAY_CONTROL", "relay": 1, "state": True},
     }
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.api_client",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert client.stdin is not None
-    client.stdin.write(orjson.dumps(config))
-    client.stdin.close()
-    return client
+    return await start_api_client(config)
 
 
 COMMANDS = """
@@ -265,6 +262,7 @@ async def commands_result(client: Process, db_url: str) -> list[str]:
         row = await conn.fetchrow(COMMANDS)
     finally:
         await conn.close()
+    assert row is not None  # an aggregate: always one row
     statuses = ", ".join(f"{r['status']} {r['count']:,}" for r in by_status)
     took = row["took"] or [None, None]
     ms = [f"{t.total_seconds() * 1000:.0f}" if t is not None else "-" for t in took]
@@ -326,13 +324,7 @@ async def soak(args: argparse.Namespace) -> int:
     await asyncio.to_thread(admin.create_vhost, name, user)
     db_url = await create_database(settings.db.url.value, name)
     env = {
-        **os.environ,
-        **file_env,
-        "RABBITMQ_URL": with_path(settings.amqp.url.value, name),
-        "DATABASE_URL": db_url,
-        "MQTT_USERNAME": f"{name}:{settings.mqtt.username or ''}",
-        "HTTP_PORT": "0",
-        "PYTHONPATH": str(ROOT),
+        **process_env(args.env_file, settings, name, db_url),
         "TRACE_EVERY_S": str(args.every),
         "TRACE_PYTHON": "1" if args.trace else "0",
         "API_TOKENS": ",".join(
