@@ -132,7 +132,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         )
 
         async def simulator(gateway: Gateway) -> None:
-            await run_fleet(config, stop=asyncio.Event())
+            await run_fleet(config, stop=gateway.stopping)  # ends before the gateway does
 
         extras["simulator"] = simulator
     gateway = Gateway(settings, extras=extras)

@@ -36,6 +36,7 @@ from .web.health import rabbitmq_state_of, worker_state_of
 log = logging.getLogger(__name__)
 INGEST_QUEUES = (topology.SENSOR_QUEUE, topology.STATUS_QUEUE, topology.FAILED_QUEUE)
 STATS_INTERVAL_S = 5.0
+EXTRAS_STOP_S = 5.0  # for the extras to end at a stop, then for what they sent to be ingested
 PUSHED_KINDS = frozenset(("reading", "event"))
 SNAPSHOT = (
     "SELECT n.node_id, n.name, n.last_seen, r.data::text AS data, r.received_at"
@@ -113,6 +114,11 @@ class Gateway:
         """Ask for a staged shutdown (signals in ``__main__`` call this)."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once a stop is requested: extras (the built-in simulator) end when it is."""
+        return self._stop
+
     async def run(self) -> None:
         sock = bind(self.settings.http.host, self.settings.http.port)
         self.http_port = sock.getsockname()[1]
@@ -132,8 +138,10 @@ class Gateway:
                         tg.create_task(self.retention.run(), name="retention"),
                     ]
                     http = tg.create_task(self._server.serve(sockets=[sock]), name="http")
-                    for name, extra in self.extras.items():
-                        tasks.append(tg.create_task(_logged(name, extra(self)), name=name))
+                    extras = [
+                        tg.create_task(_logged(name, extra(self)), name=name)
+                        for name, extra in self.extras.items()
+                    ]
                     self.started.set()
                     log.info(
                         "gateway running: consuming %s; HTTP on http://%s:%d/",
@@ -142,6 +150,7 @@ class Gateway:
                         self.http_port,
                     )
                     await self._stop.wait()
+                    await self._stop_extras(extras)
                     await self._shutdown(http)
                     for task in tasks:
                         task.cancel()
@@ -155,6 +164,23 @@ class Gateway:
                 f"database has {len(pending)} pending migration(s) ({', '.join(pending)}); "
                 "run `rnr-gateway migrate` first"
             )
+
+    async def _stop_extras(self, extras: list[asyncio.Task[None]]) -> None:
+        """Extras end first: the built-in simulator is a source of what ingest consumes.
+        What they sent last (simulated nodes saying they go offline) is ingested before
+        the consumers stop, so nothing is left in the broker's queues. Bounded."""
+        if not extras:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EXTRAS_STOP_S
+        log.info("stopping: %s first", ", ".join(task.get_name() for task in extras))
+        _, pending = await asyncio.wait(extras, timeout=EXTRAS_STOP_S)
+        for task in pending:
+            task.cancel()
+        while loop.time() < deadline:  # the broker's count: polled, there is no event for it
+            if not await self._ingest_backlog():
+                return
+            await asyncio.sleep(0.05)
 
     async def _shutdown(self, http: asyncio.Task[None]) -> None:
         """Stop intake → flush batches and ack → close WebSockets → disconnect → close pool."""

@@ -4,7 +4,7 @@ and enhanced payloads through the broker's MQTT plugin, so data flows with no ha
 Legacy nodes behave like the original Arduino firmware (MAC node ids, ``ESP32-<MAC>``
 client ids, QoS 0, bare-string ``offline`` LWT, forms A-F of PROTOCOL §3.1); enhanced
 nodes like the MicroPython firmware (QoS 1, ``boot``/``seq``/``ts``/``fw``).
-Both answer commands the way their firmware does (``simulate_commands``): enhanced nodes
+Both answer commands the way their firmware does (``simulate_board``): enhanced nodes
 ack them, legacy nodes report what they did in a status event; ``REBOOT`` restarts the
 node (a new boot number after ``REBOOT_S``) and ``SET_INTERVAL`` changes its rate.
 """
@@ -95,7 +95,7 @@ class NodeReport:
     readings: int = 0
     reconnects: int = 0
     errors: int = 0
-    commands: int = 0  # commands received (copies of the retained one included)
+    commands: int = 0  # commands received (retained copies included)
     reboots: int = 0
 
 
@@ -242,8 +242,8 @@ class SimulatedNode:
 
     async def _commands(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if not isinstance(message.payload, bytes):
-                continue
+            if not isinstance(message.payload, bytes) or not message.payload:
+                continue  # an empty one clears the retained copy: not a command
             self.report.commands += 1
             if self.legacy:
                 answer = legacy_answer(self.outputs, message.payload)

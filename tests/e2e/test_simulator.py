@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aio_pika
 import asyncpg
 import orjson
 import pytest
 
+from rnr_gateway import topology
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
 from rnr_gateway.simulate import FleetConfig, run_fleet
@@ -92,3 +94,33 @@ async def test_simulated_nodes_answer_commands_as_their_firmware_does(
     by_id = {n.node_id: n for n in report.nodes}
     assert by_id[enhanced].reboots == 1 and by_id[enhanced].commands >= 5
     assert by_id[legacy].commands == 1
+
+
+async def test_the_built_in_simulator_stops_first_and_leaves_nothing_in_the_broker(
+    settings: Settings, unique: str, db: asyncpg.Connection
+) -> None:
+    """``run --simulate N``: at a stop the fleet ends before the consumers do, and what it
+    sent last (its enhanced nodes going offline) is stored, not left to expire."""
+    config = FleetConfig.from_settings(
+        settings,
+        nodes=4,
+        legacy_share=0.5,
+        rate_hz=50,
+        node_prefix=f"T{unique[:6]}",
+        progress_interval_s=60,
+    )
+    enhanced = [n for n, legacy in config.node_ids() if not legacy]
+
+    async def simulator(gw: Gateway) -> None:
+        await run_fleet(config, stop=gw.stopping, progress=lambda _: None)
+
+    async with running(Gateway(settings, extras={"simulator": simulator})) as gw:
+        await eventually(lambda: gw.presence.counts()[0], lambda online: online == 4)
+        await asyncio.sleep(0.5)  # a steady stream: the stop comes in the middle of it
+    connection = await aio_pika.connect(settings.amqp.url.value, timeout=5)
+    async with connection, connection.channel() as channel:
+        for name in (topology.SENSOR_QUEUE, topology.STATUS_QUEUE):
+            queue = await channel.declare_queue(name, passive=True)
+            assert queue.declaration_result.message_count == 0, name
+    rows = await db.fetch("SELECT node_id, status FROM nodes WHERE node_id = ANY($1)", enhanced)
+    assert {r["node_id"]: r["status"] for r in rows} == dict.fromkeys(enhanced, "offline")
