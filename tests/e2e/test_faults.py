@@ -381,6 +381,9 @@ async def test_rabbitmq_outage_mid_stream_loses_nothing(
         )
         assert gateway.metrics.value("rnr_amqp_consumers", consumers) == 1
         assert gateway.metrics.value("rnr_dependency_up", mq) == 1
+        node = TestNode(settings, f"CMD{unique}")
+        async with node.connected(gateway):
+            pass  # known to the gateway now; it leaves (offline) before the outage
 
         async with rabbit_down(how):
             # the broker is gone: the gateway must know, not believe it still consumes
@@ -389,6 +392,12 @@ async def test_rabbitmq_outage_mid_stream_loses_nothing(
             )
             assert gateway.metrics.value("rnr_amqp_consumers", consumers) == 0
             assert gateway_alive()
+            # commands are still taken (the outbox is the record), to go out once it is back
+            during = [
+                await gateway.commands.submit(node.node_id, {"action": "PING", "n": n}, priority=p)
+                for n, p in enumerate((2, 9, 5))
+            ]
+            assert {r.status for r in during} == {"queued"}
 
         await eventually(
             lambda: gateway.metrics.value("rnr_dependency_up", mq), lambda v: v == 1, within=30
@@ -408,12 +417,21 @@ async def test_rabbitmq_outage_mid_stream_loses_nothing(
             await client.publish(f"devices/{marker[0]}/data", orjson.dumps(body), qos=1)
         await rows_grow(database, by=NODES * 25)  # the fleet reconnected and ingest resumed
 
-        # commands: the gateway holds the command queues again and sends
+        # commands: the gateway holds the command queues again and sends, those taken
+        # during the outage first, highest priority first, each executed once
         await eventually(gateway.commands.active.is_set, bool, within=30)
-        node = TestNode(settings, f"CMD{unique}")
         async with node.connected(gateway):
+            for record in during:
+                assert (await settled(gateway, record.message_id, within=20)).status == "executed"
             record = await gateway.commands.submit(node.node_id, {"action": "PING"})
             assert (await settled(gateway, record.message_id, within=20)).status == "executed"
+        assert node.log.ids == [
+            during[1].message_id,
+            during[2].message_id,
+            during[0].message_id,
+            record.message_id,
+        ]
+        assert set(node.log.executed.values()) == {1}
 
         report = await s.finish()
         assert gateway_alive()
