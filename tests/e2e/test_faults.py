@@ -3,7 +3,9 @@
 PostgreSQL is stopped for 10 s; RabbitMQ is restarted cleanly and, separately, killed with
 SIGKILL. The gateway must ride each fault out by itself: every reading the broker PUBACKed
 is stored exactly once, ingest resumes, consumers come back (checked on the broker, not
-assumed) and the outage shows in the metrics.
+assumed) and the outage shows in the metrics. Commands too: one in flight when PostgreSQL
+stops is acked meanwhile and recorded once it is back (a new one is refused with the
+reason); those taken while RabbitMQ is down go out after it, in priority order, once each.
 
 These tests stop services other tests use: run them under the suite lock
 (``flock /tmp/rnr-test.lock .venv/bin/pytest -m fault``). Every fault is undone in a
@@ -29,11 +31,12 @@ import orjson
 import pytest
 
 from rnr_gateway import topology
+from rnr_gateway.errors import DependencyUnavailable
 from rnr_gateway.gateway import Gateway
 from rnr_gateway.settings import Settings
 from rnr_gateway.simulate import FleetConfig, FleetReport, run_fleet
 from tests.conftest import BrokerAdmin, eventually, mqtt_client, running
-from tests.e2e.command_node import TestNode, settled
+from tests.e2e.command_node import TestNode, settled, statuses
 
 log = logging.getLogger(__name__)
 PG_VERSION = max(os.listdir("/etc/postgresql"), key=int) if Path("/etc/postgresql").is_dir() else ""
@@ -327,21 +330,37 @@ async def test_postgresql_stopped_mid_stream_loses_nothing(
     async with running(Gateway(settings)) as gateway, streaming(settings, f"PG{unique}") as s:
         await eventually(lambda: fetch_keys(database), lambda k: len(k) >= 50, within=15)
         assert gateway.metrics.value("rnr_dependency_up", pg) == 1
+        node = TestNode(settings, f"PGC{unique}")
+        async with node.connected(gateway):
+            node.hold.clear()  # its acks wait: the command is in flight when the database goes
+            flight = await gateway.commands.submit(node.node_id, {"action": "PING"})
+            await settled(gateway, flight.message_id, frozenset(("sent",)))
 
-        async with postgres_stopped(settings):
-            stopped_at = time.monotonic()
+            async with postgres_stopped(settings):
+                stopped_at = time.monotonic()
+                await eventually(
+                    lambda: gateway.metrics.value("rnr_dependency_up", pg),
+                    lambda v: v == 0,
+                    within=8,
+                )
+                # no outbox, no command: refused at once, with the reason
+                with pytest.raises(DependencyUnavailable):
+                    await gateway.commands.submit(node.node_id, {"action": "PING"})
+                node.hold.set()  # acked while the database is down: recorded once it is back
+                # hold the outage for its full length while readings keep arriving
+                await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped_at)))
+                assert gateway_alive(), "the gateway stopped during the database outage"
+                backlog = gateway.ingest.backlog + gateway.metrics.value(
+                    "rnr_ingest_unacked_in_client"
+                )
+                assert backlog > 0, "no delivery waited for the database during the outage"
+
             await eventually(
-                lambda: gateway.metrics.value("rnr_dependency_up", pg), lambda v: v == 0, within=8
+                lambda: gateway.metrics.value("rnr_dependency_up", pg), lambda v: v == 1, within=20
             )
-            # hold the outage for its full length while readings keep arriving
-            await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped_at)))
-            assert gateway_alive(), "the gateway stopped during the database outage"
-            backlog = gateway.ingest.backlog + gateway.metrics.value("rnr_ingest_unacked_in_client")
-            assert backlog > 0, "no delivery waited for the database during the outage"
-
-        await eventually(
-            lambda: gateway.metrics.value("rnr_dependency_up", pg), lambda v: v == 1, within=20
-        )
+            done = await settled(gateway, flight.message_id, within=30)
+        assert statuses(done) == ["queued", "sent", "received", "executed"]
+        assert node.log.executed == {flight.message_id: 1}
         await rows_grow(database, by=NODES * 25)  # ingest resumed by itself
         report = await s.finish()
         assert gateway_alive()
