@@ -35,6 +35,8 @@ lint: venv
 
 check-types: venv
 	$(BIN)/mypy
+	@# the firmware's node logic (firmware_node.py, untyped for MicroPython) against its types
+	$(BIN)/python -m mypy.stubtest rnr_gateway.firmware_node
 
 test: setup lint check-types
 	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider

@@ -1,6 +1,7 @@
 # Types of firmware_node.py, the MicroPython firmware's node logic
 # (firmware/micropython/rnr_node.py, linked here so the fleet simulator runs the same
-# command rules as the boards). That file stays free of annotations so MicroPython reads it.
+# command rules as the boards). That file stays free of annotations so MicroPython reads it;
+# `make check-types` holds this stub to it (mypy.stubtest).
 
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -10,11 +11,11 @@ SEEN_IDS: int
 NTP_RETRY_S: int
 NTP_RESYNC_S: int
 
-Actuator = Callable[[dict[str, Any]], object]
+_Actuator = Callable[[dict[str, Any]], object]
 
 def ntp_interval_s(synced: bool) -> int: ...
 
-class Storage(Protocol):
+class _Storage(Protocol):
     def load(self) -> list[str]: ...
     def save(self, ids: list[str]) -> None: ...
 
@@ -36,8 +37,8 @@ class Node:
         node_id: str,
         boot: int,
         clock: Callable[[], float | None],
-        actuators: dict[str, Actuator],
-        storage: Storage | None = None,
+        actuators: dict[str, _Actuator],
+        storage: _Storage | None = None,
         publish: Callable[[str], object] | None = None,
         reset: Callable[[], object] | None = None,
     ) -> None: ...
