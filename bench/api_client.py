@@ -122,22 +122,6 @@ async def open_loop(
     return total
 
 
-async def start_api_client(config: dict[str, Any]) -> asyncio.subprocess.Process:
-    """This client in a process of its own, given ``config`` (through a pipe: the token is
-    never on a command line); ``communicate()`` then gives its result."""
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.api_client",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert client.stdin is not None
-    client.stdin.write(orjson.dumps(config))
-    client.stdin.close()
-    return client
-
-
 if __name__ == "__main__":
     result = asyncio.run(run(orjson.loads(sys.stdin.buffer.read())))
     sys.stdout.buffer.write(orjson.dumps(result))

@@ -21,6 +21,8 @@ import orjson
 from rnr_gateway.mqtt import NODELAY
 from rnr_gateway.settings import Settings
 
+from .services import child
+
 HEARTBEAT_S = 10.0
 
 
@@ -73,16 +75,8 @@ async def serve_nodes(config: dict[str, Any], node_ids: list[str]) -> None:
 
 @contextlib.asynccontextmanager
 async def nodes_process(settings: Settings, node_ids: list[str]) -> AsyncIterator[None]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.command_nodes",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps({"mqtt": mqtt_config(settings), "nodes": node_ids}).encode())
-    proc.stdin.close()  # the password goes through a pipe, never the command line
+    proc = await child("bench.command_nodes", {"mqtt": mqtt_config(settings), "nodes": node_ids})
+    assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 90)
     if line.strip() != b"ready":
         raise SystemExit("bench: the node process did not start")

@@ -34,12 +34,13 @@ from rnr_gateway.mqtt import NODELAY
 from rnr_gateway.settings import Secret, Settings
 from rnr_gateway.topology import ACK_QUEUE
 
-from .api_client import open_loop, start_api_client
+from .api_client import open_loop
 from .command_nodes import mqtt_config, nodes_process
 from .services import (
     ADMIN_URL,
     BrokerAdmin,
     broker_process,
+    child,
     create_database,
     drop_database,
     machine,
@@ -230,7 +231,7 @@ async def gateway_round_trips(gw: Gateway, nodes: list[str], rate: float, secs: 
     }
     try:
         with Cpu() as cpu:  # the client process starts after: not counted
-            client = await start_api_client(config)
+            client = await child("bench.api_client", config)
             out, _ = await client.communicate()
             if client.returncode != 0:
                 raise SystemExit("bench: the API client failed (its error is above)")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -76,6 +78,22 @@ ADMIN_URL = admin_url()
 def with_path(url: str, path: str) -> str:
     """The URL with its path (vhost or database name) replaced."""
     return urlunsplit(urlsplit(url)._replace(path="/" + quote(path, safe="")))
+
+
+async def child(module: str, config: dict[str, Any]) -> asyncio.subprocess.Process:
+    """``python -m module`` with ``config`` as JSON on its standard input (a pipe: tokens and
+    passwords never on a command line) and its standard output piped back."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(config).encode())
+    proc.stdin.close()
+    return proc
 
 
 def process_env(env_file: str, settings: Settings, vhost: str, db_url: str) -> dict[str, str]:

@@ -49,11 +49,11 @@ import psutil
 from rnr_gateway.settings import Settings, read_env_file
 from rnr_gateway.simulate import FleetConfig
 
-from .api_client import start_api_client
 from .ingest import PREFIX, spawn, stop
 from .services import (
     ADMIN_URL,
     BrokerAdmin,
+    child,
     create_database,
     drop_database,
     machine,
@@ -235,7 +235,7 @@ async def api_client(
         "tag": uuid.uuid4().hex[:6],
         "body": {"action": "RELAY_CONTROL", "relay": 1, "state": True},
     }
-    return await start_api_client(config)
+    return await child("bench.api_client", config)
 
 
 COMMANDS = """
